@@ -1,0 +1,79 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data import (MetricsLogger, configure, cosine_lr, global_batch_indices, recover_checkpoint,
+                  rng_state, save_checkpoint, set_rng_state)
+
+
+def test_configure_overrides_files_and_types(tmp_path):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text("lr = 3e-4\nout_dir = 'out/x'\n")
+    g = {"lr": 1e-5, "max_iters": 10, "out_dir": "out/sft", "compile": False, "task_ids": "", "_private": 1}
+    resolved = configure(g, [str(cfg_file), "--max_iters=20", "--compile", "--task_ids=3"])
+    assert resolved == {"lr": 3e-4, "max_iters": 20, "out_dir": "out/x", "compile": True, "task_ids": "3"}
+    configure(g, ["--lr=1"])  # an int literal for a float key is accepted as float
+    assert g["lr"] == 1.0 and isinstance(g["lr"], float)
+    with pytest.raises(KeyError, match="unknown config key --nope"):
+        configure(g, ["--nope=1"])
+    with pytest.raises(TypeError, match="--max_iters=abc: expected int"):
+        configure(g, ["--max_iters=abc"])
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        configure(g, ["missing.py"])
+
+
+def test_global_batch_indices_epochs_and_determinism():
+    n, b = 10, 4
+    batches = [global_batch_indices(s, n, b, seed=1) for s in range(5)]  # 20 samples = 2 epochs
+    flat = sum(batches, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]  # a new permutation each epoch
+    assert global_batch_indices(3, n, b, seed=1) == batches[3]  # pure function of the step (resume)
+    assert global_batch_indices(0, n, b, seed=2) != batches[0]
+    with pytest.raises(ValueError, match="empty"):
+        global_batch_indices(0, 0, 4, seed=0)
+
+
+def test_cosine_lr_hand_values():
+    assert cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 1.0, 10, min_lr=0.0) == pytest.approx(0.5)  # half way through the decay
+    assert cosine_lr(100, 100, 1.0, 10, min_lr=0.1) == pytest.approx(0.1)
+
+
+def test_rng_state_round_trip():
+    s = rng_state()
+    a = (np.random.rand(), torch.rand(1).item())
+    set_rng_state(s)
+    assert (np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_save_checkpoint_is_atomic_and_keeps_metrics(tmp_path):
+    out = tmp_path / "run"
+    log = MetricsLogger(str(out / "metrics.jsonl"))
+    save_checkpoint(str(out), lambda d: open(os.path.join(d, "w.txt"), "w").write("1"))
+    for step in (1, 2, 3):
+        log.log(step=step, loss=1.0 / step)
+
+    def failing_write(d):
+        open(os.path.join(d, "w.txt"), "w").write("2")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(str(out), failing_write)
+    assert (out / "w.txt").read_text() == "1"  # the old checkpoint is untouched
+    save_checkpoint(str(out), lambda d: open(os.path.join(d, "w.txt"), "w").write("3"))
+    assert (out / "w.txt").read_text() == "3"
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert not os.path.exists(str(out) + ".tmp") and not os.path.exists(str(out) + ".old")
+    # killed between the two renames: the complete temp dir is put in place
+    os.rename(out, str(out) + ".tmp")
+    open(str(out) + ".tmp/.complete", "w").close()
+    recover_checkpoint(str(out))
+    assert (out / "w.txt").read_text() == "3" and not (out / ".complete").exists()
+    # resuming from step 2 drops the lines a killed run logged after its checkpoint
+    MetricsLogger(str(out / "metrics.jsonl"), resume_step=2)
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2]
