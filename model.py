@@ -256,7 +256,12 @@ the red block is left of and behind the gripper, so move left and back, then clo
 the blue block is in front of and right of the gripper, so move right and forward, then open.
 Think step by step about where the objects are, then answer with the action tokens.
 yes no left right up down forward back above below near far on top of under next to the table.
-what color is the block? how many blocks are there? where is the gripper? there are three blocks."""
+what color is the block? how many blocks are there? where is the gripper? there are three blocks.
+What action should the robot take to put the yellow block on the green block? What colour is the block closest to the gripper?
+Reason about the scene inside <think></think>, then give the action tokens inside <answer></answer>.
+The gripper is open. The gripper is closed and holding the red block. The green block is right under the gripper.
+So the robot should move down onto the yellow block. lift the block up, open the gripper, close the gripper.
+move up away from the blocks, turn to line up with the blue block, hold still. It is in front of the gripper."""
 
 
 def _tiny_tokenizer(vocab_size=600):
