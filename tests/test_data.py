@@ -1,0 +1,222 @@
+"""data.py: normalization, chunking, the embedded synthetic dataset, and the LIBERO / CALVIN / LLaVA readers."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from data import (CalvinDataset, ConversationDataset, LiberoDataset, NormStats, chunk_at, collate_robot,
+                  make_synthetic_dataset)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth") / "data")
+    make_synthetic_dataset(out, seed=0, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2)
+    return out
+
+
+def test_norm_stats_matches_hand_computation(tmp_path):
+    actions = np.stack([np.arange(101, dtype=np.float32), np.full(101, 5.0, np.float32)], axis=1)  # 0..100, constant
+    states = np.arange(101, dtype=np.float32)[:, None] * 2
+    ns = NormStats.compute(actions, states)
+    np.testing.assert_allclose(ns.stats["action_q01"], [1.0, 5.0])  # numpy's linear quantile of 0..100 at 1%
+    np.testing.assert_allclose(ns.stats["action_q99"], [99.0, 5.0])
+    x = np.array([[50.0, 5.0], [1.0, 5.0], [200.0, 5.0]], np.float32)
+    # 2 (x - 1) / 98 - 1 -> 0 at the middle, -1 at q01, clipped to 1 above q99; the constant dim maps to -1
+    np.testing.assert_allclose(ns.normalize_actions(x), [[0.0, -1.0], [-1.0, -1.0], [1.0, -1.0]], atol=1e-5)
+    y = np.array([[0.5, -1.0], [-0.25, -1.0]], np.float32)
+    np.testing.assert_allclose(ns.normalize_actions(ns.unnormalize_actions(y)), y, atol=1e-5)
+    np.testing.assert_allclose(ns.unnormalize_actions(y)[:, 0], [1 + 0.75 * 98, 1 + 0.375 * 98], rtol=1e-5)
+    ns.save(tmp_path / "ns.json")
+    again = NormStats.load(str(tmp_path / "ns.json"))
+    np.testing.assert_array_equal(again.stats["state_q99"], ns.stats["state_q99"])
+    with pytest.raises(ValueError, match="action has 3 dims, the statistics have 2"):
+        ns.normalize_actions(np.zeros((4, 3)))
+    (tmp_path / "bad.json").write_text(json.dumps({"action_q01": [0.0]}))
+    with pytest.raises(ValueError, match=r"bad.json: .*missing keys"):
+        NormStats.load(str(tmp_path / "bad.json"))
+
+
+def test_chunk_at_pads_with_the_last_action():
+    actions = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunk, mask = chunk_at(actions, 3, 4)
+    np.testing.assert_array_equal(chunk, actions[[3, 4, 4, 4]])
+    np.testing.assert_array_equal(mask, [True, True, False, False])
+    chunk, mask = chunk_at(actions, 0, 3)
+    np.testing.assert_array_equal(chunk, actions[:3])
+    assert mask.all()
+
+
+def test_synthetic_dataset_layout_and_determinism(synth, tmp_path):
+    meta = json.load(open(os.path.join(synth, "dataset.json")))
+    files = sorted(os.listdir(os.path.join(synth, "libero", "train")))
+    assert len(files) == len(data.SYNTH_TASKS) and all(f.endswith("_demo.hdf5") for f in files)
+    with h5py.File(os.path.join(synth, "libero", "train", files[0]), "r") as f:
+        info = json.loads(f["data"].attrs["problem_info"])
+        assert info["language_instruction"].startswith("put the ")
+        demo = f["data/demo_0"]
+        T = demo["actions"].shape[0]
+        assert demo["actions"].shape == (T, 7) and 30 < T < 120
+        for key, shape in (("agentview_rgb", (T, 56, 56, 3)), ("eye_in_hand_rgb", (T, 56, 56, 3)), ("ee_states", (T, 6)),
+                           ("gripper_states", (T, 2)), ("joint_states", (T, 7)), ("ee_pos", (T, 3))):
+            assert demo["obs"][key].shape == shape, key
+        assert demo["obs/agentview_rgb"].dtype == np.uint8
+        assert demo["dones"][-1] == 1 and demo["dones"][:-1].sum() == 0
+        actions = demo["actions"][:]
+    assert np.abs(actions[:, :6]).max() <= 1.1  # LIBERO-style velocity commands
+    assert set(np.unique(actions[:, 6])) == {-1.0, 1.0}  # the gripper closes (+1) and opens (-1)
+    # same seed -> identical bytes; another seed -> another world; identical arguments -> not regenerated
+    again = str(tmp_path / "again")
+    assert make_synthetic_dataset(again, seed=0, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2) == meta
+    with h5py.File(os.path.join(again, "libero", "train", files[0]), "r") as f:
+        np.testing.assert_array_equal(f["data/demo_0/actions"][:], actions)
+    mtime = os.path.getmtime(os.path.join(again, "dataset.json"))
+    make_synthetic_dataset(again, seed=0, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2)
+    assert os.path.getmtime(os.path.join(again, "dataset.json")) == mtime
+    other = str(tmp_path / "other")
+    make_synthetic_dataset(other, seed=1, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2)
+    with h5py.File(os.path.join(other, "libero", "train", files[0]), "r") as f:
+        assert not np.array_equal(f["data/demo_0/actions"][:5], actions[:5])
+
+
+def test_synthetic_actions_depend_on_the_image(synth):
+    """Same instruction, different scenes: the first moves point to where the named block is, which only the
+    image shows. So the first action's direction varies across demos and agrees with the block's position."""
+    ds = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=4)
+    cosines, directions = [], []
+    for ep in ds.episodes:
+        with h5py.File(ep["file"], "r") as f:
+            scene = f["data"][ep["demo"]]["states"][0]  # blocks (x, y, yaw) in COLORS order, then the gripper
+        pick = ep["instruction"].split()[2]
+        bx, by = scene[3 * list(data.COLORS).index(pick): 3 * list(data.COLORS).index(pick) + 2]
+        to_block = np.array([bx, by]) - ep["states"][0, :2]
+        move = ep["actions"][:5, :2].sum(0)
+        cosines.append(move @ to_block / (np.linalg.norm(move) * np.linalg.norm(to_block) + 1e-9))
+        directions.append(move / (np.linalg.norm(move) + 1e-9))
+    assert np.mean(cosines) > 0.9
+    assert np.linalg.norm(np.mean(directions, axis=0)) < 0.7  # no single direction works for every scene
+    # and the gripper ends above the place block
+    last = ds.episodes[0]
+    place = last["instruction"].split()[-2]
+    with h5py.File(last["file"], "r") as f:
+        scene = f["data"][last["demo"]]["states"][0]
+    i = list(data.COLORS).index(place)
+    assert np.hypot(*(last["states"][-1, :2] - scene[3 * i: 3 * i + 2])) < 0.01
+
+
+def test_libero_reader_samples_and_collate(synth):
+    ds = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=8)
+    ep = ds.episodes[0]
+    T = len(ep["actions"])
+    s = ds[T - 3]  # 3 steps before the end of the first demo: 3 real actions, 5 repeats
+    assert s["t"] == T - 3 and s["instruction"] == ep["instruction"]
+    assert [im.shape for im in s["images"]] == [(56, 56, 3), (56, 56, 3)] and s["images"][0].dtype == np.uint8
+    np.testing.assert_array_equal(s["action_mask"], [True] * 3 + [False] * 5)
+    np.testing.assert_array_equal(s["actions"], ep["actions"][[T - 3, T - 2, T - 1] + [T - 1] * 5])
+    assert s["state"].shape == (8,)
+    flipped = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=8, flip_images=True)[T - 3]
+    np.testing.assert_array_equal(flipped["images"][0], s["images"][0][::-1, ::-1])
+    ns = NormStats.compute(ds.all_actions(), ds.all_states())
+    batch = collate_robot([ds[0], ds[1]], ns)
+    assert batch["actions"].shape == (2, 8, 7) and batch["state"].shape == (2, 8)
+    np.testing.assert_allclose(batch["actions"][1], ns.normalize_actions(ds[1]["actions"]))
+    assert batch["instructions"] == [ep["instruction"]] * 2
+
+
+def write_libero_file(path, actions_shape=(6, 7), problem_info=True, instruction="open the drawer"):
+    """A file as LIBERO's own scripts write it: extra keys, a word-list instruction variant."""
+    with h5py.File(path, "w") as f:
+        d = f.create_group("data")
+        if problem_info:
+            d.attrs["problem_info"] = json.dumps({"problem_name": "x", "language_instruction": instruction})
+        g = d.create_group("demo_0")
+        T = actions_shape[0]
+        g.create_dataset("actions", data=np.zeros(actions_shape))
+        g.create_dataset("states", data=np.zeros((T, 40)))
+        obs = g.create_group("obs")
+        for cam in ("agentview_rgb", "eye_in_hand_rgb"):
+            obs.create_dataset(cam, data=np.zeros((T, 8, 8, 3), np.uint8))
+        obs.create_dataset("ee_states", data=np.zeros((T, 6)))
+        obs.create_dataset("gripper_states", data=np.zeros((T, 2)))
+        obs.create_dataset("agentview_depth", data=np.zeros((T, 8, 8)))
+
+
+def test_libero_reader_errors_name_file_key_and_shape(tmp_path):
+    good = tmp_path / "good_demo.hdf5"
+    write_libero_file(good, instruction=["open", "the", "drawer"])
+    assert LiberoDataset(str(good), horizon=2)[0]["instruction"] == "open the drawer"
+    bad = tmp_path / "bad_demo.hdf5"
+    write_libero_file(bad, actions_shape=(6, 6))
+    with pytest.raises(ValueError, match=r"bad_demo.hdf5: data/demo_0/actions has shape \(6, 6\), expected \[T, 7\]"):
+        LiberoDataset(str(bad))
+    no_info = tmp_path / "noinfo_demo.hdf5"
+    write_libero_file(no_info, problem_info=False)
+    with pytest.raises(KeyError, match="noinfo_demo.hdf5: data.attrs\\['problem_info'\\] missing"):
+        LiberoDataset(str(no_info))
+    with pytest.raises(KeyError, match="obs/joint_pos missing"):
+        LiberoDataset(str(good), state_keys=("joint_pos",))
+    with pytest.raises(FileNotFoundError, match="neither a file nor a directory"):
+        LiberoDataset(str(tmp_path / "nope.hdf5"))
+
+
+def write_calvin(root, n=10, windows=((0, 4), (5, 9)), texts=("open the drawer", "push the button")):
+    os.makedirs(os.path.join(root, "lang_annotations"))
+    for i in range(n):
+        np.savez(os.path.join(root, f"episode_{i:07d}.npz"), rgb_static=np.full((20, 20, 3), i, np.uint8),
+                 rgb_gripper=np.zeros((8, 8, 3), np.uint8), robot_obs=np.full(15, i, np.float32),
+                 rel_actions=np.full(7, i / 10, np.float32), scene_obs=np.zeros(24))
+    ann = {"info": {"indx": list(windows)}, "language": {"ann": list(texts), "task": ["a", "b"]}}
+    np.save(os.path.join(root, "lang_annotations", "auto_lang_ann.npy"), ann, allow_pickle=True)
+
+
+def test_calvin_reader(tmp_path):
+    root = str(tmp_path / "training")
+    write_calvin(root)
+    ds = CalvinDataset(root, horizon=3)
+    assert len(ds) == 10
+    s = ds[3]  # frame 3 of window (0, 4): actions 3, 4, 4 (padded at the window end)
+    assert s["instruction"] == "open the drawer" and s["images"][0][0, 0, 0] == 3
+    np.testing.assert_allclose(s["actions"][:, 0], [0.3, 0.4, 0.4])
+    np.testing.assert_array_equal(s["action_mask"], [True, True, False])
+    assert ds[5]["instruction"] == "push the button" and ds[5]["state"].shape == (15,)
+    assert ds.all_actions().shape == (10, 7)
+    os.remove(os.path.join(root, "episode_0000007.npz"))
+    with pytest.raises(FileNotFoundError, match="episode_0000007.npz"):
+        ds[6]
+    with pytest.raises(FileNotFoundError, match="auto_lang_ann.npy not found"):
+        CalvinDataset(str(tmp_path))
+
+
+def test_conversation_reader(tmp_path):
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(tmp_path / "a.png")
+    records = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                    {"from": "gpt", "value": "A block."},
+                                                    {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Red."}]},
+               {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    for name in ("c.json", "c.jsonl"):
+        ds = ConversationDataset(str(tmp_path / name))
+        assert len(ds) == 3  # one sample per human -> gpt turn
+        assert ds[0]["prompt"] == "What is it?" and ds[1]["response"] == "Red." and ds[0]["images"][0][0, 0, 0] == 7
+        assert ds[2]["images"] == []
+    records[0]["image"] = "missing.png"
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    with pytest.raises(FileNotFoundError, match=r"m.json: record 0: image .*missing.png not found"):
+        ConversationDataset(str(tmp_path / "m.json"))[0]
+    (tmp_path / "o.json").write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}]))
+    with pytest.raises(ValueError, match="o.json: record 0 turn 0: expected human then gpt"):
+        ConversationDataset(str(tmp_path / "o.json"))
+
+
+def test_synthetic_conversations_load(synth):
+    vqa = ConversationDataset(os.path.join(synth, "vqa_train.json"))
+    reasoning = ConversationDataset(os.path.join(synth, "reasoning_train.json"))
+    assert len(vqa) > 0 and len(reasoning) > 0
+    r = reasoning[0]
+    assert len(r["images"]) == 2 and r["response"].startswith("<think>") and r["response"].endswith("</answer>")
