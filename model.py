@@ -809,15 +809,20 @@ class ActionHead(nn.Module):
         return err.sum() / (mask.sum() * self.action_dim).clamp(min=1.0)
 
     @torch.no_grad()
-    def sample(self, features, feature_mask, state, num_steps=4, generator=None):
-        """Euler from noise (t=0) to data (t=1), t_k = k / num_steps, dt = 1 / num_steps (N1.5: 4 steps)."""
+    def sample(self, features, feature_mask, state, num_steps=4, generator=None, noise=None):
+        """Euler from noise (t=0) to data (t=1), t_k = k / num_steps, dt = 1 / num_steps (N1.5: 4 steps).
+        noise: the starting point [B, H, D] (default: drawn from `generator`); eval_libero.py passes each
+        episode's own noise so an episode's actions do not depend on which episodes share its batch."""
         if num_steps < 1:
             raise ValueError(f"ActionHead.sample: num_steps={num_steps} must be >= 1")
         context = self.encode_context(features, feature_mask, state)
         B, device = features.shape[0], features.device
         gen_device = generator.device if generator is not None else device
         shape = (B, self.horizon, self.action_dim)
-        x = torch.randn(shape, generator=generator, device=gen_device).to(device, torch.float32)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"ActionHead.sample: noise must be [B, horizon, action_dim] = {shape}, got {tuple(noise.shape)}")
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=gen_device)
+        x = x.to(device, torch.float32)
         dt = 1.0 / num_steps
         for k in range(num_steps):
             t = torch.full((B,), k * dt, device=device)
@@ -912,7 +917,7 @@ class VLA(nn.Module):
                               None if action_mask is None else to(action_mask, torch.bool))
 
     @torch.no_grad()
-    def predict_action_batch(self, images_list, instructions, states, num_steps=4, generator=None):
+    def predict_action_batch(self, images_list, instructions, states, num_steps=4, generator=None, noise=None):
         """Action chunks np.float32 [B, H, D] in robot units from raw (robot-unit) states [B, S]."""
         states = np.asarray(states, dtype=np.float32)
         if states.ndim != 2 or states.shape[0] != len(images_list):
@@ -922,7 +927,8 @@ class VLA(nn.Module):
             raise ValueError(f"VLA: state has {states.shape[1]} dims, the head expects state_dim={self.state_dim}")
         feats, mask = self.features(images_list, list(instructions))
         state = torch.as_tensor(np.asarray(self.norm_stats.normalize_state(states), dtype=np.float32), device=self.device)
-        actions = self.head.sample(feats.to(self.device), mask.to(self.device), state, num_steps=num_steps, generator=generator)
+        actions = self.head.sample(feats.to(self.device), mask.to(self.device), state, num_steps=num_steps,
+                                   generator=generator, noise=noise)
         return np.asarray(self.norm_stats.unnormalize_actions(actions.float().cpu().numpy()), dtype=np.float32)
 
     def predict_action(self, images, instruction, state, num_steps=4, generator=None):
