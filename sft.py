@@ -1,0 +1,444 @@
+"""Stage 1 of RoboAlign: supervised fine-tuning of the MLLM on a mixture of VQA, zero-shot reasoning and
+FAST action-token prediction (PAPER.md "Stage 1").
+
+    python sft.py                                          # the embedded default: tiny model, CPU, < 5 min
+    python sft.py --max_iters=100 --lr=1e-3                # any module-level key can be overridden
+    torchrun --nproc_per_node=2 sft.py --max_iters=20      # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=8 sft.py config/sft_qwen2_5_vl_7b_libero.py   # the paper's recipe
+
+init_from picks the backbone: "tiny" builds Backbone.tiny from the n_layer / n_embd / ... keys (nothing is
+downloaded); anything else is a local checkpoint directory or a hub name loaded with Backbone.from_pretrained,
+e.g. --init_from=path/of/a/saved/backbone (the issue's `--backbone=<path>`). A directory that already holds
+fast_tokenizer.json + norm_stats.json (an earlier out/sft) keeps its FAST tokenizer, whose ids its embedding
+rows were trained on.
+
+Writes out_dir (DESIGN.md "Checkpoints"): the backbone in HF format, fast_tokenizer.json, norm_stats.json,
+run_config.json, train_state.pt (for --resume) and metrics.jsonl (step/loss/lr every step; eval lines
+with val_loss, action_exact, action_prefix, reasoning_format, think_action_format, think_action_prefix).
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from data import (ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, ensure_synthetic_dataset,
+                  fast_target, format_reward, global_batch_indices, open_robot_dataset, prefix_match_reward,
+                  recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed)
+from model import Backbone, FastTokenizer
+
+# -----------------------------------------------------------------------------
+# config: these defaults ARE the embedded tiny CPU recipe (config/sft_qwen2_5_vl_7b_libero.py: the paper's)
+out_dir = "out/sft"
+init_from = "tiny"  # "tiny" | a local checkpoint dir | a hub name (Backbone.from_pretrained)
+dtype = "float32"  # weights of a from_pretrained backbone: "float32" | "bfloat16"
+seed = 0
+# tiny backbone sizes (init_from="tiny" only); DESIGN.md calibration: 4 layers x 192 learns in CPU minutes
+n_layer = 4
+n_head = 4
+n_embd = 192
+vision_depth = 2
+vision_embd = 256  # frozen random features: wider keeps more of the image (0.20 -> 0.31 held-out prefix here)
+image_size = 56
+# data: paths are format strings over data_dir; "" turns a validation set off
+data_dir = "out/data"  # the default is generated here (data.make_synthetic_dataset, seed 0) if missing
+vqa_train = "{data_dir}/vqa_train.json"  # LLaVA-style json / jsonl
+vqa_val = "{data_dir}/vqa_val.json"
+reasoning_train = "{data_dir}/reasoning_train.json"  # answers are <think>...</think><answer>...</answer>
+reasoning_val = "{data_dir}/reasoning_val.json"
+image_root = ""  # json image paths are relative to this ("" = each json's own directory)
+robot_data = "libero"  # "libero" (hdf5 files / dirs / globs, comma-separated) | "calvin" (a split dir)
+robot_train = "{data_dir}/libero/train"
+robot_val = "{data_dir}/libero/val"
+flip_images = False  # rotate robot images by 180 degrees (official LIBERO files, see data.LiberoDataset)
+# mixture weights (PAPER.md "Stage 1": (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
+# the RL prompt answered with a one-line thought and the action tokens. Stage 2 (align_rl.py) prompts with
+# REASONING_ACTION_PROMPT and rewards <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a
+# format a 2M-parameter model never produces by chance; this small component gives it a non-zero start.
+# A 7B model follows the instruction zero-shot, so the paper's config sets it to 0.
+vqa_weight = 0.15
+reasoning_weight = 0.25
+action_weight = 0.5
+think_action_weight = 0.1
+action_prompt = data.ACTION_PROMPT
+think_action_prompt = data.REASONING_ACTION_PROMPT
+think_action_response = "<think>I need to {instruction}.</think><answer>{action}</answer>"
+# FAST action tokens (PAPER.md "Stage 0")
+action_horizon = 8  # chunk length H of the FAST targets
+fast_vocab_size = 16  # 2048 in the paper; see fast_scale
+fast_scale = 1.0  # 10 in FAST; coarse here so the exact-token metric is reachable on CPU (see below)
+fast_tokenizer_path = ""  # "" = fit on the training demonstrations' normalized chunks
+norm_stats_path = ""  # "" = q01/q99 of the training demonstrations
+fast_fit_max_chunks = 200_000  # fit FAST on a seeded subsample of at most this many chunks
+# optimization
+batch_size = 16  # micro-batch per process
+gradient_accumulation_steps = 1  # over all processes (nanoGPT): global batch = batch_size * this
+max_iters = 1000
+lr = 2e-3
+min_lr = 2e-4
+warmup_frac = 0.03  # PAPER.md: warm-up 3%, cosine
+weight_decay = 0.0  # (open) not stated in the paper; never applied to 1-D params (norms, biases)
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+freeze_vision = True  # PAPER.md: vision encoder frozen (the merger / projector still trains)
+gradient_checkpointing = False
+# evaluation and logging
+eval_interval = 500  # also at step 0 and at the end; 0 = no evaluation
+eval_iters = 4  # validation-loss batches of the global batch size
+eval_action_samples = 192  # held-out robot frames decoded greedily (action_exact / action_prefix)
+eval_reasoning_samples = 48  # held-out reasoning prompts decoded greedily (reasoning_format)
+eval_extra_tokens = 16  # generation budget beyond the reference answer's length
+save_interval = 500  # and at the end
+log_interval = 50
+resume = False
+# -----------------------------------------------------------------------------
+
+COMPONENTS = ("vqa", "reasoning", "action", "think_action")
+
+
+def mixture_counts(weights, global_batch):
+    """How many of the global batch's samples each component gets: largest-remainder rounding of
+    weight / sum * global_batch, so every batch has the same composition (lower-variance steps than
+    drawing a component per sample) and the counts are a pure function of the config."""
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"empty mixture: weights {dict(zip(COMPONENTS, weights))} must be >= 0 with a positive sum")
+    exact = w / w.sum() * global_batch
+    counts = np.floor(exact).astype(int)
+    leftover = np.argsort(-(exact - counts), kind="stable")[:global_batch - counts.sum()]
+    counts[leftover] += 1
+    starved = [name for name, wi, c in zip(COMPONENTS, w, counts) if wi > 0 and c == 0]
+    if starved:
+        raise ValueError(f"mixture components {starved} get no sample of a global batch of {global_batch}: "
+                         "raise their weight or batch_size * gradient_accumulation_steps")
+    return counts.tolist()
+
+
+def mixture_batch(step, sizes, counts, seed):
+    """The global batch at `step` as (component, index) pairs: a pure function of (step, seed), so any world
+    size and a resumed run see the same data. Component c walks its own seeded epochs
+    (data.global_batch_indices), then the batch is shuffled so each rank's contiguous slice is a mix."""
+    batch = []
+    for c, (size, count) in enumerate(zip(sizes, counts)):
+        if count:
+            batch += [(c, i) for i in global_batch_indices(step, size, count, seed=seed * len(COMPONENTS) + c)]
+    order = np.random.default_rng([seed, step]).permutation(len(batch))
+    return [batch[i] for i in order]
+
+
+def check_images_exist(dataset):
+    """A json naming a missing image fails here, before training, not at the step that samples it."""
+    for s in dataset.samples:
+        for p in s["image_paths"]:
+            full = p if os.path.isabs(p) else os.path.join(dataset.image_root, p)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"{dataset.path}: record {s['record']}: image {full} not found")
+
+
+def demonstrations(robot, max_steps, seed):
+    """(actions [T, D], states [T, S]) of each training demonstration, for NormStats and the FAST fit. LIBERO's
+    are in memory; CALVIN reads one file per frame, so whole language windows are read in a seeded order
+    until max_steps frames."""
+    if hasattr(robot, "episodes"):
+        return [(ep["actions"], ep["states"]) for ep in robot.episodes]
+    demos, n_frames = [], 0
+    for w in np.random.default_rng(seed).permutation(len(robot.windows)):
+        start, end, _ = robot.windows[w]
+        frames = [robot.frame(t) for t in range(start, end + 1)]
+        demos.append((np.stack([f[robot.action_key] for f in frames]).astype(np.float32),
+                      np.stack([f[robot.state_key] for f in frames]).astype(np.float32)))
+        n_frames += len(frames)
+        if n_frames >= max_steps:
+            break
+    return demos
+
+
+def decode_completion(backbone, ids):
+    """Generated ids (cut at <|im_end|>) -> text, keeping <ACTION_START>, <act_i>, <think> etc. as written."""
+    ids = ids.tolist()
+    if backbone.eos_id in ids:
+        ids = ids[:ids.index(backbone.eos_id)]
+    return backbone.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def main():
+    config = configure(globals())
+    rank, local_rank, world_size, device = setup_distributed()
+    ddp, master = world_size > 1, rank == 0
+    torch.manual_seed(seed)
+    if gradient_accumulation_steps % world_size:
+        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+                         f"number of processes ({world_size}): the global batch must not depend on the world size")
+    accum_per_rank = gradient_accumulation_steps // world_size
+    global_batch = batch_size * gradient_accumulation_steps
+    weights = [vqa_weight, reasoning_weight, action_weight, think_action_weight]
+    counts = mixture_counts(weights, global_batch)  # an empty mixture fails here, before anything is loaded
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # ---- data (every error about paths, files or images is raised here, before training) ----
+    if data_dir == "out/data":
+        ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
+    path = lambda p: p.format(data_dir=data_dir)
+    root = path(image_root) or None
+
+    def conversations(p, key):
+        if not p:
+            return None
+        if not os.path.isfile(path(p)):
+            raise FileNotFoundError(f"{key}: {path(p)} not found (LLaVA-style json / jsonl expected)")
+        dataset = ConversationDataset(path(p), image_root=root)
+        if len(dataset) == 0:
+            raise ValueError(f"{key}: {path(p)} holds no conversation")
+        check_images_exist(dataset)
+        return dataset
+
+    train_sets = dict(vqa=conversations(vqa_train, "vqa_train") if vqa_weight > 0 else None,
+                      reasoning=conversations(reasoning_train, "reasoning_train") if reasoning_weight > 0 else None)
+    val_sets = dict(vqa=conversations(vqa_val, "vqa_val") if vqa_weight > 0 else None,
+                    reasoning=conversations(reasoning_val, "reasoning_val") if reasoning_weight > 0 else None)
+    robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
+    robot = open_robot_dataset(robot_data, path(robot_train), action_horizon, **robot_kwargs)
+    robot_val_set = open_robot_dataset(robot_data, path(robot_val), action_horizon, **robot_kwargs) if robot_val else None
+    train_sets.update(action=robot, think_action=robot)
+    val_sets.update(action=robot_val_set, think_action=robot_val_set)
+
+    # ---- backbone, FAST tokenizer and normalization (PAPER.md "Stage 0") ----
+    if master:
+        recover_checkpoint(out_dir)
+    if ddp:
+        dist.barrier()
+    state_path = os.path.join(out_dir, "train_state.pt")
+    if resume and not os.path.isfile(state_path):
+        raise FileNotFoundError(f"--resume: {state_path} not found")
+    source = out_dir if resume else init_from
+    if source == "tiny":
+        backbone = Backbone.tiny(fast_vocab_size=fast_vocab_size, seed=seed, hidden_size=n_embd, num_layers=n_layer,
+                                 num_heads=n_head, vision_depth=vision_depth, vision_hidden_size=vision_embd, image_size=image_size)
+    else:
+        backbone = Backbone.from_pretrained(source, fast_vocab_size=fast_vocab_size, dtype=getattr(torch, dtype))
+    backbone.to(device)
+    own_fast = os.path.isdir(source) and os.path.isfile(os.path.join(source, "fast_tokenizer.json"))
+    fast_path = fast_tokenizer_path or (os.path.join(source, "fast_tokenizer.json") if own_fast else "")
+    stats_path = norm_stats_path or (os.path.join(source, "norm_stats.json") if own_fast else "")
+    demos = demonstrations(robot, fast_fit_max_chunks, seed) if not (stats_path and fast_path) else None
+    if stats_path:
+        norm_stats = NormStats.load(stats_path)
+    else:
+        norm_stats = NormStats.compute(np.concatenate([a for a, _ in demos]), np.concatenate([s for _, s in demos]))
+    if fast_path:
+        fast = FastTokenizer.load(fast_path)
+    else:  # every start t of every demonstration (padded at the end like the samples), normalized
+        chunks = np.stack([chunk_at(actions, t, action_horizon)[0] for actions, _ in demos for t in range(len(actions))])
+        if len(chunks) > fast_fit_max_chunks:
+            chunks = chunks[np.sort(np.random.default_rng(seed).choice(len(chunks), fast_fit_max_chunks, replace=False))]
+        fast = FastTokenizer.fit(norm_stats.normalize_actions(chunks), vocab_size=fast_vocab_size, scale=fast_scale)
+        if master:
+            print(f"fitted {fast} on {len(chunks)} chunks")
+    if (fast.horizon, fast.vocab_size) != (action_horizon, backbone.fast_vocab_size):
+        raise ValueError(f"FAST tokenizer {fast_path or '(fitted)'}: horizon {fast.horizon}, vocab {fast.vocab_size}, but "
+                         f"action_horizon={action_horizon} and the backbone has {backbone.fast_vocab_size} action tokens")
+
+    def example(component, sample):
+        """One (images, prompt, response) training example from a dataset sample."""
+        if component in ("vqa", "reasoning"):
+            return sample
+        action = backbone.action_text(fast_target(sample, fast, norm_stats))
+        if component == "action":
+            return dict(images=sample["images"], prompt=action_prompt.format(instruction=sample["instruction"]), response=action)
+        return dict(images=sample["images"], prompt=think_action_prompt.format(instruction=sample["instruction"]),
+                    response=think_action_response.format(instruction=sample["instruction"], action=action))
+
+    def build(pairs, sets):
+        examples = [example(COMPONENTS[c], sets[COMPONENTS[c]][i]) for c, i in pairs]
+        return backbone.build_inputs([e["images"] for e in examples], [e["prompt"] for e in examples],
+                                     [e["response"] for e in examples])
+
+    # ---- model, optimizer (PAPER.md "Stage 1": vision encoder frozen, everything else trained) ----
+    if freeze_vision:  # the vision blocks; the merger (Qwen-VL's projector into the LLM) still trains
+        for name, p in backbone.model.model.visual.named_parameters():
+            p.requires_grad_(name.startswith("merger."))
+    if gradient_checkpointing:
+        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone.model.train()
+    model = backbone.model
+    if ddp:  # no buffers to sync; gradients live in the all-reduce buckets (no second copy: matters for a 7B)
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
+                    gradient_as_bucket_view=True)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device.type == "cuda")
+    warmup_iters = math.ceil(warmup_frac * max_iters)
+    step = 0
+    if resume:
+        train_state = torch.load(state_path, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(train_state["optimizer"])
+        set_rng_state(train_state["rng"])
+        step = train_state["step"]
+        changed = {k: (train_state["config"].get(k), v) for k, v in config.items() if train_state["config"].get(k) != v and k != "resume"}
+        if master:
+            print(f"resuming from {state_path} at step {step}" + (f"; changed keys (old, new): {changed}" if changed else ""))
+    elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh run starts a fresh log
+    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
+    sizes = [len(train_sets[k]) if train_sets[k] is not None else 0 for k in COMPONENTS]
+    if master:
+        print(f"backbone {source}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trained; {world_size} process(es) on {device}")
+        print(f"global batch {global_batch}: " + ", ".join(f"{c} {name} (of {n})" for name, n, c in zip(COMPONENTS, sizes, counts) if c))
+
+    def all_sum(*values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def loss_sum(inputs, module):
+        """Summed next-token cross-entropy over the response tokens (labels != -100) and their count."""
+        labels = inputs["labels"][:, 1:].to(device)
+        with autocast:
+            logits = module(**backbone._model_inputs(inputs), use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss, (labels != -100).sum().item()
+
+    # ---- evaluation on held-out data ----
+    val_sizes = [len(val_sets[k]) if val_sets[k] is not None else 0 for k in COMPONENTS]
+    val_counts = mixture_counts([w if n else 0.0 for w, n in zip(weights, val_sizes)], global_batch) if any(
+        w and n for w, n in zip(weights, val_sizes)) else None
+    probe = np.random.default_rng(seed + 1)  # fixed held-out subsets, the same at every evaluation
+    action_probe = np.sort(probe.permutation(len(robot_val_set))[:eval_action_samples]).tolist() if robot_val_set else []
+    reasoning_probe = (np.sort(probe.permutation(len(val_sets["reasoning"]))[:eval_reasoning_samples]).tolist()
+                       if val_sets["reasoning"] is not None else [])
+
+    @torch.no_grad()
+    def greedy(examples):
+        """Greedy completions of the examples' prompts, with room for the reference response + eval_extra_tokens."""
+        inputs = backbone.build_inputs([e["images"] for e in examples], [e["prompt"] for e in examples])
+        longest = max(len(backbone.tokenizer(e["response"], add_special_tokens=False)["input_ids"]) for e in examples)
+        with autocast:
+            return backbone.generate(inputs, max_new_tokens=longest + eval_extra_tokens)
+
+    @torch.no_grad()
+    def evaluate():
+        """val_loss (token mean over eval_iters fixed mixture batches), and greedy decoding of held-out prompts:
+        action_exact / action_prefix (data.prefix_match_reward, the RL reward's action term) on action_prompt,
+        think_action_format / think_action_prefix on the RL prompt, reasoning_format on reasoning prompts.
+        Each process decodes its share of the prompts; the sums are all-reduced."""
+        backbone.model.eval()
+        out = {}
+        if val_counts is not None:
+            total, tokens = 0.0, 0
+            for i in range(eval_iters):
+                pairs = mixture_batch(i, val_sizes, val_counts, seed + 1)[rank::world_size]
+                for k in range(0, len(pairs), batch_size):
+                    loss, n = loss_sum(build(pairs[k:k + batch_size], val_sets), backbone.model)
+                    total, tokens = total + loss.item(), tokens + n
+            total, tokens = all_sum(total, tokens)
+            out["val_loss"] = total / tokens
+        sums = dict.fromkeys(("action_exact", "action_prefix", "think_action_format", "think_action_prefix", "n_action",
+                              "reasoning_format", "n_reasoning"), 0.0)
+        mine = action_probe[rank::world_size]
+        for k in range(0, len(mine), batch_size):
+            samples = [robot_val_set[i] for i in mine[k:k + batch_size]]
+            targets = [fast_target(s, fast, norm_stats) for s in samples]
+            direct = greedy([example("action", s) for s in samples])
+            think = greedy([example("think_action", s) for s in samples])
+            for target, direct_ids, think_ids in zip(targets, direct, think):
+                pred = backbone.parse_action_tokens(direct_ids)
+                sums["action_exact"] += pred == target
+                sums["action_prefix"] += prefix_match_reward(pred, target)
+                sums["think_action_format"] += format_reward(decode_completion(backbone, think_ids), require_action=True)
+                sums["think_action_prefix"] += prefix_match_reward(backbone.parse_action_tokens(think_ids), target)
+            sums["n_action"] += len(samples)
+        mine = reasoning_probe[rank::world_size]
+        for k in range(0, len(mine), batch_size):
+            for ids in greedy([val_sets["reasoning"][i] for i in mine[k:k + batch_size]]):
+                sums["reasoning_format"] += format_reward(decode_completion(backbone, ids))
+            sums["n_reasoning"] += len(mine[k:k + batch_size])
+        sums = dict(zip(sums, all_sum(*sums.values())))
+        for key in ("action_exact", "action_prefix", "think_action_format", "think_action_prefix", "reasoning_format"):
+            n = sums["n_reasoning" if key == "reasoning_format" else "n_action"]
+            if n:
+                out[key] = sums[key] / n
+        backbone.model.train()
+        return {k: round(float(v), 5) for k, v in out.items()}
+
+    def checkpoint(step):
+        def write(tmp):
+            backbone.save_pretrained(tmp)
+            fast.save(os.path.join(tmp, "fast_tokenizer.json"))
+            norm_stats.save(os.path.join(tmp, "norm_stats.json"))
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), config=config),
+                       os.path.join(tmp, "train_state.pt"))
+        if master:
+            save_checkpoint(out_dir, write)
+        if ddp:
+            dist.barrier()
+
+    def run_eval(step):
+        t0 = time.time()
+        metrics = evaluate()
+        logger.log(step=step, **metrics)
+        if master:
+            tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({time.time() - t0:.1f} s)")
+
+    # ---- training loop ----
+    if eval_interval and step == 0:
+        run_eval(0)  # the untrained level
+    bar = tqdm(total=max_iters, initial=step, disable=not master, desc="sft", dynamic_ncols=True)
+    t_log = time.time()
+    while step < max_iters:
+        step_lr = cosine_lr(step, max_iters, lr, warmup_iters, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        per_rank = global_batch // world_size
+        pairs = mixture_batch(step, sizes, counts, seed)[rank * per_rank:(rank + 1) * per_rank]
+        micro_batches = [build(pairs[k * batch_size:(k + 1) * batch_size], train_sets) for k in range(accum_per_rank)]
+        # token-mean over the whole global batch: every process needs the global count of response tokens
+        (global_tokens,) = all_sum(sum((b["labels"][:, 1:] != -100).sum().item() for b in micro_batches))
+        total = 0.0
+        for k, inputs in enumerate(micro_batches):
+            sync = not ddp or k == accum_per_rank - 1  # all-reduce gradients once per step
+            with nullcontext() if sync else model.no_sync():
+                loss, _ = loss_sum(inputs, model)
+                (loss * world_size / global_tokens).backward()  # DDP averages over processes, hence * world_size
+            total += loss.item()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        (total,) = all_sum(total)
+        train_loss = total / global_tokens
+        logger.log(step=step, loss=round(train_loss, 6), lr=step_lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.4f}")
+        if master and (step % log_interval == 0 or step == max_iters):
+            tqdm.write(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {step_lr:.2e} | "
+                       f"{(time.time() - t_log) * 1000 / log_interval:.0f} ms/step")
+            t_log = time.time()
+        if eval_interval and (step % eval_interval == 0 or step == max_iters):
+            run_eval(step)
+        if step % save_interval == 0 or step == max_iters:
+            checkpoint(step)
+    bar.close()
+    if master:
+        print(f"done: {out_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
