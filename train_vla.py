@@ -1,0 +1,422 @@
+"""Stage 3 of RoboAlign: the VLA. A frozen MLLM backbone (the aligned one from align_rl.py, or any other for
+the baselines) feeds the hidden states of one middle layer to a new flow-matching DiT action head, trained on
+robot demonstrations (PAPER.md "Stage 3", GR00T N1.5).
+
+    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU, < 5 min
+    python train_vla.py --init_from=out/sft --out_dir=out/vla_sft    # the SFT-only baseline, same budget
+    torchrun --nproc_per_node=8 train_vla.py config/vla_qwen2_5_vl_7b_libero.py
+
+Because the backbone is frozen, its features are a pure function of (backbone weights, layer, prompt, images):
+with feature_cache=True they are computed once for every training sample (batched, no_grad) and stored in
+safetensors shards under cache_dir/<fingerprint>/, and the head trains from them. Without image augmentation
+the gradients are the same as computing the features every step, only much cheaper. The fingerprint hashes
+the backbone's weights, the layer, the prompt template, the image settings and the dataset files, so a cache
+built from another backbone or layer is never reused.
+
+Writes out_dir: a VLA checkpoint (vla.json, action_head.safetensors, norm_stats.json; see model.VLA) that
+eval_libero.py / eval_calvin.py load, plus run_config.json, train_state.pt (--resume) and metrics.jsonl
+(step/loss/lr; eval lines with val_action_mse, val_action_mse_first and, once, val_mse_mean_action).
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from data import (MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
+                  open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed)
+from model import VLA, ActionHead, Backbone
+
+# -----------------------------------------------------------------------------
+# config: these defaults ARE the embedded tiny CPU recipe (config/vla_qwen2_5_vl_7b_libero.py: the paper's)
+out_dir = "out/vla"
+init_from = "out/align_rl"  # a stage checkpoint dir (out/align_rl, out/sft), a hub name, or "tiny" (random, for tests)
+dtype = "float32"  # backbone weights: "float32" | "bfloat16"
+seed = 0
+layer = 0  # backbone layer whose hidden states feed the head; 0 = two thirds of the depth (18 of the 7B's 28)
+prompt_template = data.ACTION_PROMPT
+# data
+data_dir = "out/data"  # the embedded default is generated here if missing
+robot_data = "libero"  # "libero" | "calvin"
+robot_train = "{data_dir}/libero/train"
+robot_val = "{data_dir}/libero/val"
+flip_images = False  # official LIBERO hdf5 files: True (see data.LiberoDataset)
+action_horizon = 16  # PAPER.md: horizon 16
+action_dim = 7
+# action head (GR00T N1.5 shape, scaled down for CPU)
+head_width = 128
+head_depth = 4
+head_heads = 4
+num_future_tokens = 8
+num_vl_self_attn_layers = 1
+num_inference_steps = 4  # Euler steps at inference (PAPER.md)
+# feature cache
+feature_cache = True
+cache_dir = "out/feature_cache"
+cache_dtype = "float32"  # "bfloat16" halves the disk for a 7B (features then differ from on-the-fly by rounding)
+cache_shard_size = 1024  # samples per safetensors shard
+cache_in_memory = True  # load shards into RAM (False: memory-map them, for caches larger than RAM)
+cache_batch_size = 32
+# optimization
+batch_size = 64  # micro-batch per process
+gradient_accumulation_steps = 1  # over all processes: global batch = batch_size * this
+max_iters = 1200
+lr = 1e-3
+min_lr = 1e-4
+warmup_frac = 0.05
+weight_decay = 1e-5  # GR00T's fine-tuning value
+grad_clip = 1.0
+ema_decay = 0.0  # > 0: evaluate and save an exponential moving average of the head weights
+# evaluation and logging
+eval_interval = 400  # and at the end; 0 = only at the end
+eval_samples = 256  # fixed held-out frames
+save_interval = 400
+log_interval = 100
+resume = False
+# -----------------------------------------------------------------------------
+
+
+def weights_fingerprint(module):
+    """A content hash of a module's weights: every tensor's name, shape, dtype and a strided sample of its
+    values (cheap even for a 7B on GPU, and any fine-tuning changes the sampled values)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)].float().cpu().numpy()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset):
+    files = getattr(dataset, "files", None) or [dataset.root]
+    return [(os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
+
+
+def targets(dataset, i):
+    """(state [S], action chunk [H, D], mask [H]) of sample i without decoding its images when the reader
+    keeps actions in memory (LIBERO); CALVIN reads the frames."""
+    if hasattr(dataset, "episodes"):
+        e, t = dataset.index[i]
+        ep = dataset.episodes[e]
+        chunk, mask = data.chunk_at(ep["actions"], t, dataset.horizon)
+        return ep["states"][t], chunk, mask
+    s = dataset[i]
+    return s["state"], s["actions"], s["action_mask"]
+
+
+class FeatureCache:
+    """Backbone features of every sample of a dataset, trimmed to the valid tokens, in safetensors shards:
+    shard k holds `features` [n, L_max, d] (right-padded) and `lengths` [n]. Rank r builds shards r, r + W, ..."""
+
+    def __init__(self, root, fingerprint, num_samples, shard_size, in_memory=True):
+        self.in_memory = in_memory
+        self.dir = os.path.join(root, fingerprint[:20])
+        self.fingerprint, self.num_samples, self.shard_size = fingerprint, num_samples, shard_size
+        self.num_shards = math.ceil(num_samples / shard_size)
+        self.shards = {}
+
+    def shard_path(self, k):
+        return os.path.join(self.dir, f"shard_{k:05d}.safetensors")
+
+    def complete(self):
+        meta = os.path.join(self.dir, "meta.json")
+        if not os.path.isfile(meta):
+            return False
+        with open(meta) as f:
+            stored = json.load(f)
+        if stored.get("fingerprint") != self.fingerprint or stored.get("num_samples") != self.num_samples:
+            raise ValueError(f"{meta}: feature cache of another backbone / layer / dataset "
+                             f"(fingerprint {stored.get('fingerprint')}, expected {self.fingerprint}); delete {self.dir}")
+        return all(os.path.isfile(self.shard_path(k)) for k in range(self.num_shards))
+
+    def build(self, vla, dataset, rank, world_size, batch_size, torch_dtype, master):
+        os.makedirs(self.dir, exist_ok=True)
+        mine = [k for k in range(rank, self.num_shards, world_size) if not os.path.isfile(self.shard_path(k))]
+        bar = tqdm(total=sum(min(self.shard_size, self.num_samples - k * self.shard_size) for k in mine),
+                   disable=not master, desc="feature cache", dynamic_ncols=True)
+        for k in mine:
+            feats, lengths = [], []
+            lo, hi = k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
+            for b in range(lo, hi, batch_size):
+                samples = [dataset[i] for i in range(b, min(b + batch_size, hi))]
+                with torch.no_grad():
+                    f, m = vla.features([s["images"] for s in samples], [s["instruction"] for s in samples])
+                for row, valid in zip(f, m):
+                    feats.append(row[valid].to("cpu", torch_dtype))  # left padding removed
+                    lengths.append(int(valid.sum()))
+                bar.update(len(samples))
+            padded = torch.zeros(len(feats), max(lengths), feats[0].shape[-1], dtype=torch_dtype)
+            for j, row in enumerate(feats):
+                padded[j, :len(row)] = row
+            tmp = self.shard_path(k) + ".tmp"
+            save_file({"features": padded, "lengths": torch.tensor(lengths)}, tmp)
+            os.replace(tmp, self.shard_path(k))  # a killed build keeps its finished shards
+        bar.close()
+        if world_size > 1:
+            dist.barrier()
+        if master:
+            with open(os.path.join(self.dir, "meta.json"), "w") as f:
+                json.dump(dict(fingerprint=self.fingerprint, num_samples=self.num_samples), f)
+        if world_size > 1:
+            dist.barrier()
+
+    def get(self, indices):
+        """(features [B, L, d] right-padded, mask [B, L]) for dataset indices."""
+        rows = []
+        for i in indices:
+            k, j = divmod(i, self.shard_size)
+            if k not in self.shards:
+                if self.in_memory:  # the embedded default's cache is a few hundred MB
+                    self.shards[k] = load_file(self.shard_path(k))
+                else:  # a 7B's cache is read lazily (mmap)
+                    f = safe_open(self.shard_path(k), framework="pt")
+                    self.shards[k] = dict(features=f.get_slice("features"), lengths=f.get_tensor("lengths"))
+            shard = self.shards[k]
+            rows.append(shard["features"][j:j + 1][0, :int(shard["lengths"][j])])
+        width = max(len(r) for r in rows)
+        feats = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            feats[b, :len(r)], mask[b, :len(r)] = r, True
+        return feats, mask
+
+
+def load_backbone(source, torch_dtype):
+    if source == "tiny":
+        return Backbone.tiny(seed=seed), None
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise FileNotFoundError(f"init_from={source!r}: no backbone in this directory (expected an HF checkpoint, "
+                                "config.json + model.safetensors, as sft.py / align_rl.py write)")
+    if not os.path.isdir(source) and source.startswith(("out/", "./", "/")):
+        raise FileNotFoundError(f"init_from={source!r} does not exist: run `python sft.py && python align_rl.py` first "
+                                "(or --init_from=out/sft for the SFT-only baseline)")
+    return Backbone.from_pretrained(source, dtype=torch_dtype), source
+
+
+def main():
+    config = configure(globals())
+    rank, local_rank, world_size, device = setup_distributed()
+    ddp, master = world_size > 1, rank == 0
+    torch.manual_seed(seed)
+    if gradient_accumulation_steps % world_size:
+        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+                         f"number of processes ({world_size})")
+    accum_per_rank = gradient_accumulation_steps // world_size
+    global_batch = batch_size * gradient_accumulation_steps
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # ---- data ----
+    if data_dir == "out/data":
+        ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
+    path = lambda p: p.format(data_dir=data_dir)
+    robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
+    train_set = open_robot_dataset(robot_data, path(robot_train), action_horizon, **robot_kwargs)
+    val_set = open_robot_dataset(robot_data, path(robot_val), action_horizon, **robot_kwargs) if robot_val else None
+    _, chunk, _ = targets(train_set, 0)
+    if chunk.shape[-1] != action_dim:
+        raise ValueError(f"{path(robot_train)}: demonstrations have {chunk.shape[-1]}-D actions, the head is configured "
+                         f"for action_dim={action_dim}")
+    if hasattr(train_set, "episodes"):
+        norm_stats = NormStats.compute(train_set.all_actions(), train_set.all_states())
+    else:  # CALVIN: one file per frame, so a subsample
+        norm_stats = NormStats.compute(train_set.all_actions(step=10), train_set.all_states(step=10))
+
+    # ---- frozen backbone + new head (PAPER.md "Stage 3") ----
+    if master:
+        recover_checkpoint(out_dir)
+    state_path = os.path.join(out_dir, "train_state.pt")
+    if resume and not os.path.isfile(state_path):
+        raise FileNotFoundError(f"--resume: {state_path} not found")
+    backbone, backbone_path = load_backbone(init_from, getattr(torch, dtype))
+    backbone.to(device)
+    feature_layer = layer or backbone.default_layer
+    state_dim = len(targets(train_set, 0)[0])
+    head = ActionHead(backbone.hidden_size, action_dim=action_dim, state_dim=state_dim, horizon=action_horizon,
+                      width=head_width, depth=head_depth, heads=head_heads, num_future_tokens=num_future_tokens,
+                      num_vl_self_attn_layers=num_vl_self_attn_layers).to(device)
+    vla = VLA(backbone, head, feature_layer, norm_stats, freeze_backbone=True, prompt_template=prompt_template,
+              backbone_path=backbone_path)
+    ema = copy.deepcopy(head).requires_grad_(False) if ema_decay > 0 else None
+    model = DDP(head, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else head
+    params = [p for p in head.parameters()]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step = 0
+    if resume:
+        train_state = torch.load(state_path, map_location="cpu", weights_only=False)
+        head.load_state_dict(train_state["head"])
+        optimizer.load_state_dict(train_state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(train_state["ema"])
+        set_rng_state(train_state["rng"])
+        step = train_state["step"]
+        if master:
+            print(f"resuming from {state_path} at step {step}")
+    elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
+    if master:
+        print(f"backbone {init_from} (frozen, layer {feature_layer} of {backbone.num_layers}); head "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M params; {len(train_set)} training frames; "
+              f"{world_size} process(es) on {device}")
+
+    # ---- features: from the cache or computed per batch ----
+    cache = None
+    if feature_cache:
+        fingerprint = hashlib.sha256(json.dumps(dict(
+            backbone=weights_fingerprint(backbone), layer=feature_layer, prompt=prompt_template, dtype=cache_dtype,
+            flip=flip_images, kind=robot_data, data=dataset_fingerprint(train_set))).encode()).hexdigest()
+        cache = FeatureCache(cache_dir, fingerprint, len(train_set), cache_shard_size, cache_in_memory)
+        if not cache.complete():
+            t0 = time.time()
+            cache.build(vla, train_set, rank, world_size, cache_batch_size, getattr(torch, cache_dtype), master)
+            if master:
+                print(f"feature cache {cache.dir}: built in {time.time() - t0:.1f} s")
+        elif master:
+            print(f"feature cache {cache.dir}: reused")
+
+    def batch(indices):
+        states, chunks, masks = zip(*(targets(train_set, i) for i in indices))
+        out = dict(state=norm_stats.normalize_state(np.stack(states)), actions=norm_stats.normalize_actions(np.stack(chunks)),
+                   action_mask=np.stack(masks))
+        if cache is not None:
+            out["features"], out["feature_mask"] = cache.get(indices)
+        else:
+            samples = [train_set[i] for i in indices]
+            with torch.no_grad(), autocast:
+                out["features"], out["feature_mask"] = vla.features([s["images"] for s in samples], [s["instruction"] for s in samples])
+        return {k: torch.as_tensor(v).to(device) for k, v in out.items()}
+
+    # ---- held-out evaluation: fixed frames, features computed once, fixed sampling noise ----
+    val_probe = np.sort(np.random.default_rng(seed + 1).permutation(len(val_set))[:eval_samples]).tolist() if val_set else []
+    val_features = []
+    for b in range(0, len(val_probe), cache_batch_size):
+        samples = [val_set[i] for i in val_probe[b:b + cache_batch_size]]
+        with torch.no_grad(), autocast:
+            f, m = vla.features([s["images"] for s in samples], [s["instruction"] for s in samples])
+        val_features.append((f.float(), m, norm_stats.normalize_state(np.stack([s["state"] for s in samples])),
+                             norm_stats.normalize_actions(np.stack([s["actions"] for s in samples])),
+                             np.stack([s["action_mask"] for s in samples])))
+
+    def masked_mse(pred, target, mask):
+        err = ((pred - target) ** 2).mean(-1)  # [B, H]
+        return float((err * mask).sum() / mask.sum())
+
+    @torch.no_grad()
+    def evaluate(net, with_floor=False):
+        net.eval()
+        generator = torch.Generator(device=device).manual_seed(seed + 2)
+        preds, tgts, masks = [], [], []
+        for f, m, state, actions, mask in val_features:
+            with autocast:
+                pred = net.sample(f, m, torch.as_tensor(state, device=device), num_steps=num_inference_steps, generator=generator)
+            preds.append(pred.float().cpu().numpy()), tgts.append(actions), masks.append(mask)
+        net.train()
+        pred, tgt, mask = np.concatenate(preds), np.concatenate(tgts), np.concatenate(masks).astype(np.float64)
+        out = dict(val_action_mse=masked_mse(pred, tgt, mask), val_action_mse_first=masked_mse(pred[:, :1], tgt[:, :1], mask[:, :1]))
+        if with_floor:  # always predicting the training set's mean normalized chunk
+            idx = np.random.default_rng(seed + 3).permutation(len(train_set))[:4096]
+            mean_chunk = norm_stats.normalize_actions(np.stack([targets(train_set, i)[1] for i in idx])).mean(0)
+            out["val_mse_mean_action"] = masked_mse(mean_chunk[None], tgt, mask)
+        return {k: round(v, 6) for k, v in out.items()}
+
+    def run_eval(step):
+        if not val_features or not master:
+            return
+        metrics = evaluate(ema if ema is not None else head, with_floor=step == 0 or not resume and step == 0)
+        logger.log(step=step, **metrics)
+        tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def checkpoint(step):
+        def write(tmp):
+            saved = copy.deepcopy(vla.head.state_dict())
+            if ema is not None:
+                vla.head.load_state_dict(ema.state_dict())
+            if backbone_path is None:  # "tiny": the random backbone is part of this checkpoint
+                backbone.save_pretrained(os.path.join(tmp, "backbone"))
+                vla.backbone_path = os.path.join(tmp, "backbone")
+            vla.save(tmp)
+            vla.head.load_state_dict(saved)
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            torch.save(dict(step=step, head=saved, optimizer=optimizer.state_dict(), rng=rng_state(), config=config,
+                            ema=ema.state_dict() if ema is not None else None), os.path.join(tmp, "train_state.pt"))
+        if master:
+            save_checkpoint(out_dir, write)
+        if ddp:
+            dist.barrier()
+
+    # ---- training loop ----
+    if step == 0 and master and val_features:
+        logger.log(step=0, **evaluate(head, with_floor=True))
+    warmup_iters = math.ceil(warmup_frac * max_iters)
+    bar = tqdm(total=max_iters, initial=step, disable=not master, desc="train_vla", dynamic_ncols=True)
+    t_log = time.time()
+    while step < max_iters:
+        step_lr = cosine_lr(step, max_iters, lr, warmup_iters, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        per_rank = global_batch // world_size
+        indices = global_batch_indices(step, len(train_set), global_batch, seed)[rank * per_rank:(rank + 1) * per_rank]
+        total = 0.0
+        for k in range(accum_per_rank):
+            b = batch(indices[k * batch_size:(k + 1) * batch_size])
+            sync = not ddp or k == accum_per_rank - 1
+            with nullcontext() if sync else model.no_sync(), autocast:
+                # flow-matching velocity loss (model.ActionHead.loss: t ~ Beta(1.5, 1), GR00T convention)
+                loss = (model.module if ddp else model).loss(b["features"].float(), b["feature_mask"], b["state"].float(),
+                                                              b["actions"].float(), b["action_mask"])
+                # DDP hooks fire on the wrapped module's forward only; call loss through a forward-compatible path
+            (loss / accum_per_rank).backward()
+            total += loss.item() / accum_per_rank
+        if ddp:  # the head is small: average its gradients explicitly (loss() is not DDP's forward)
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
+            total_t = torch.tensor([total], device=device)
+            dist.all_reduce(total_t)
+            total = total_t.item() / world_size
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), head.parameters()):
+                    pe.lerp_(p, 1 - ema_decay)
+        step += 1
+        logger.log(step=step, loss=round(total, 6), lr=step_lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if master and (step % log_interval == 0 or step == max_iters):
+            tqdm.write(f"step {step}/{max_iters} | loss {total:.4f} | lr {step_lr:.2e} | "
+                       f"{(time.time() - t_log) * 1000 / log_interval:.0f} ms/step")
+            t_log = time.time()
+        if (eval_interval and step % eval_interval == 0) or step == max_iters:
+            run_eval(step)
+        if step % save_interval == 0 or step == max_iters:
+            checkpoint(step)
+    bar.close()
+    if master:
+        print(f"done: {out_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
