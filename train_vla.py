@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -250,7 +249,6 @@ def main():
     vla = VLA(backbone, head, feature_layer, norm_stats, freeze_backbone=True, prompt_template=prompt_template,
               backbone_path=backbone_path)
     ema = copy.deepcopy(head).requires_grad_(False) if ema_decay > 0 else None
-    model = DDP(head, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else head
     params = [p for p in head.parameters()]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
@@ -276,9 +274,10 @@ def main():
 
     # ---- features: from the cache or computed per batch ----
     cache = None
+    frozen_fingerprint = weights_fingerprint(backbone) if feature_cache else None
     if feature_cache:
         fingerprint = hashlib.sha256(json.dumps(dict(
-            backbone=weights_fingerprint(backbone), layer=feature_layer, prompt=prompt_template, dtype=cache_dtype,
+            backbone=frozen_fingerprint, layer=feature_layer, prompt=prompt_template, dtype=cache_dtype,
             flip=flip_images, kind=robot_data, data=dataset_fingerprint(train_set))).encode()).hexdigest()
         cache = FeatureCache(cache_dir, fingerprint, len(train_set), cache_shard_size, cache_in_memory)
         if not cache.complete():
@@ -337,7 +336,7 @@ def main():
     def run_eval(step):
         if not val_features or not master:
             return
-        metrics = evaluate(ema if ema is not None else head, with_floor=step == 0 or not resume and step == 0)
+        metrics = evaluate(ema if ema is not None else head)
         logger.log(step=step, **metrics)
         tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -375,15 +374,16 @@ def main():
         total = 0.0
         for k in range(accum_per_rank):
             b = batch(indices[k * batch_size:(k + 1) * batch_size])
-            sync = not ddp or k == accum_per_rank - 1
-            with nullcontext() if sync else model.no_sync(), autocast:
-                # flow-matching velocity loss (model.ActionHead.loss: t ~ Beta(1.5, 1), GR00T convention)
-                loss = (model.module if ddp else model).loss(b["features"].float(), b["feature_mask"], b["state"].float(),
-                                                              b["actions"].float(), b["action_mask"])
-                # DDP hooks fire on the wrapped module's forward only; call loss through a forward-compatible path
+            # the flow noise and time of a micro-batch depend only on (seed, step, its place in the global batch),
+            # so any world size and a resumed run draw the same ones
+            micro = rank * accum_per_rank + k
+            generator = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0]))
+            with autocast:  # flow-matching velocity loss (ActionHead.loss: t ~ Beta(1.5, 1), GR00T convention)
+                loss = head.loss(b["features"].float(), b["feature_mask"], b["state"].float(), b["actions"].float(),
+                                 b["action_mask"], generator=generator)
             (loss / accum_per_rank).backward()
             total += loss.item() / accum_per_rank
-        if ddp:  # the head is small: average its gradients explicitly (loss() is not DDP's forward)
+        if ddp:  # data parallel by hand: the head is small, so one all-reduce per parameter after accumulation
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
@@ -412,6 +412,8 @@ def main():
         if step % save_interval == 0 or step == max_iters:
             checkpoint(step)
     bar.close()
+    if feature_cache and weights_fingerprint(backbone) != frozen_fingerprint:
+        raise RuntimeError("the backbone's weights changed during training; the feature cache no longer matches it")
     if master:
         print(f"done: {out_dir}")
     if ddp:
