@@ -1,0 +1,320 @@
+"""Stage 2 of RoboAlign: GRPO that aligns the MLLM's reasoning with low-level actions (PAPER.md "Stage 2").
+
+The model sees image(s) + instruction with a prompt that asks it to reason, then answer with FAST action tokens:
+`<think>...</think><answer><ACTION_START> <act_i>... <ACTION_END></answer>`. Each prompt gets G samples; the
+reward is r = (r_format + r_action) / 2 with r_action the prefix match of the generated tokens against the
+demonstration's (data.prefix_match_reward); advantages are normalized within each group; the policy takes
+clipped-ratio steps. Written out here, no RL framework.
+
+    python align_rl.py                                    # embedded default: from out/sft, CPU, < 5 min
+    torchrun --nproc_per_node=8 align_rl.py config/align_rl_qwen2_5_vl_7b.py   # the paper's recipe
+
+Writes out_dir like sft.py (backbone in HF format, fast_tokenizer.json, norm_stats.json, run_config.json,
+train_state.pt, metrics.jsonl with reward / reward_format / reward_action / zero_var_groups / clip_frac per
+rollout step and eval_reward / eval_reward_format / eval_reward_action on held-out prompts).
+"""
+
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from data import (MetricsLogger, NormStats, configure, ensure_synthetic_dataset, fast_target, format_reward,
+                  global_batch_indices, open_robot_dataset, prefix_match_reward, recover_checkpoint, rng_state,
+                  save_checkpoint, set_rng_state, setup_distributed)
+from model import Backbone, FastTokenizer
+
+# -----------------------------------------------------------------------------
+# config: these defaults ARE the embedded tiny CPU recipe (config/align_rl_qwen2_5_vl_7b.py: the paper's)
+out_dir = "out/align_rl"
+init_from = "out/sft"  # a stage-1 checkpoint (backbone + fast_tokenizer.json + norm_stats.json)
+dtype = "float32"  # "bfloat16" for a 7B
+seed = 0
+data_dir = "out/data"
+robot_data = "libero"
+robot_train = "{data_dir}/libero/train"
+robot_val = "{data_dir}/libero/val"
+flip_images = False
+prompt_template = data.REASONING_ACTION_PROMPT
+num_prompts = 512  # the RL subset of the demonstrations (paper: 12.8K, < 1% of the SFT data)
+num_eval_prompts = 64  # held-out prompts, decoded greedily
+# rollouts
+group_size = 5  # G (PAPER.md)
+rollout_batch = 16  # prompts per rollout step, over all processes (paper: 512)
+update_batch = 8  # prompts per optimizer step (paper: 128): rollout_batch / update_batch steps per rollout
+temperature = 1.0
+top_p = 1.0
+max_new_tokens = 64
+# reward r = format_weight * r_format + action_weight * r_action (PAPER.md: 1/2 each)
+format_weight = 0.5
+action_weight = 0.5
+reward_kind = "prefix"  # "prefix" (PAPER.md) | "l1": 1 - mean |decoded - target| / 2 on normalized actions
+# GRPO
+scale_rewards = True  # (r - mean) / std per group; False = mean-only (Dr. GRPO)
+eps_low = 0.2
+eps_high = 0.2
+loss_norm = "token"  # "token": sum over all tokens / their count | "sequence": mean per sequence, then mean
+beta = 0.0  # k3 KL to the frozen start; 0 = no reference model is loaded
+# optimization: the paper's constant lr 1e-6 moves a 7B; a 2M-parameter model needs ~1000x more to move in minutes
+max_iters = 40  # rollout steps
+lr = 1e-4
+weight_decay = 0.0
+grad_clip = 1.0
+eval_interval = 10
+save_interval = 20
+log_interval = 1
+resume = False
+# -----------------------------------------------------------------------------
+
+
+def group_advantages(rewards, scale=True, eps=1e-4):
+    """rewards [P, G] -> advantages [P, G]: r - group mean, divided by the group std (unbiased=False) unless
+    scale=False. A group whose rewards are all equal gets 0 everywhere: it carries no signal."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale:
+        centered = centered / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return centered.float()
+
+
+def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, loss_norm="token", ref_logp=None, beta=0.0,
+              num_tokens=None, num_sequences=None):
+    """Clipped-ratio GRPO objective, negated. logp/old_logp/ref_logp/mask [N, T], advantages [N].
+    loss_norm "token": sum of per-token losses / num_tokens (the global count; default mask.sum());
+    "sequence": sum over sequences of their token mean / num_sequences (default N).
+    Returns (loss, stats) with the fraction of tokens whose ratio was clipped."""
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    if beta > 0:  # k3 estimator of KL(pi || ref) (Schulman 2020)
+        per_token = per_token + beta * (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1)
+    if loss_norm == "token":
+        loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum())
+    elif loss_norm == "sequence":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (num_sequences or len(mask))
+    else:
+        raise ValueError(f"loss_norm={loss_norm!r}: expected 'token' or 'sequence'")
+    clip_frac = (((clipped < unclipped).float() * mask).sum() / mask.sum().clamp(min=1)).item()
+    return loss, dict(clip_frac=clip_frac)
+
+
+def completion_mask(completions, eos_id):
+    """1 on generated tokens up to and including the first <|im_end|>, 0 on the padding after it."""
+    is_eos = (completions == eos_id).long()
+    return (is_eos.cumsum(1) - is_eos == 0).long()
+
+
+def decode_completion(backbone, ids):
+    ids = ids.tolist()
+    if backbone.eos_id in ids:
+        ids = ids[:ids.index(backbone.eos_id)]
+    return backbone.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def main():
+    config = configure(globals())
+    rank, local_rank, world_size, device = setup_distributed()
+    ddp, master = world_size > 1, rank == 0
+    torch.manual_seed(seed + rank)  # sampling differs per rank; the data order does not
+    if rollout_batch % (update_batch * 1) or update_batch % world_size:
+        raise ValueError(f"rollout_batch={rollout_batch} must be a multiple of update_batch={update_batch}, "
+                         f"which must be a multiple of the number of processes ({world_size})")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # ---- the SFT checkpoint: backbone, FAST tokenizer, normalization ----
+    if master:
+        recover_checkpoint(out_dir)
+    state_path = os.path.join(out_dir, "train_state.pt")
+    if resume and not os.path.isfile(state_path):
+        raise FileNotFoundError(f"--resume: {state_path} not found")
+    source = out_dir if resume else init_from
+    for name in ("config.json", "fast_tokenizer.json", "norm_stats.json"):
+        if not os.path.isfile(os.path.join(source, name)):
+            raise FileNotFoundError(f"init_from={source!r}: {name} not found; align_rl.py starts from a stage-1 "
+                                    "checkpoint: run `python sft.py` first")
+    backbone = Backbone.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
+    fast = FastTokenizer.load(os.path.join(source, "fast_tokenizer.json"))
+    norm_stats = NormStats.load(os.path.join(source, "norm_stats.json"))
+    reference = None
+    if beta > 0:
+        reference = Backbone.from_pretrained(init_from, dtype=getattr(torch, dtype)).to(device).requires_grad_(False).eval()
+
+    # ---- prompts: a seeded subset of the demonstrations (PAPER.md: 12.8K) and held-out ones ----
+    if data_dir == "out/data":
+        ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
+    path = lambda p: p.format(data_dir=data_dir)
+    robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
+    train_set = open_robot_dataset(robot_data, path(robot_train), fast.horizon, **robot_kwargs)
+    val_set = open_robot_dataset(robot_data, path(robot_val), fast.horizon, **robot_kwargs) if robot_val else None
+    prompt_ids = np.sort(np.random.default_rng(seed).permutation(len(train_set))[:num_prompts]).tolist()
+    eval_ids = np.sort(np.random.default_rng(seed + 1).permutation(len(val_set))[:num_eval_prompts]).tolist() if val_set else []
+
+    model = backbone.model
+    model.train()
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=device.type == "cuda")
+    step = 0
+    if resume:
+        train_state = torch.load(state_path, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(train_state["optimizer"])
+        set_rng_state(train_state["rng"])
+        step = train_state["step"]
+    elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
+    if master:
+        print(f"backbone {source}: {sum(p.numel() for p in params) / 1e6:.2f}M trained params; {len(prompt_ids)} RL prompts, "
+              f"{len(eval_ids)} held-out; G={group_size}; {world_size} process(es) on {device}")
+
+    def all_sum(*values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def rewards_of(completions, targets):
+        """(reward, r_format, r_action) per completion, targets repeated per sample."""
+        out = []
+        for ids, target in zip(completions, targets):
+            r_format = format_reward(decode_completion(backbone, ids), require_action=True)
+            pred = backbone.parse_action_tokens(ids)
+            if reward_kind == "prefix":
+                r_action = prefix_match_reward(pred, target)
+            elif reward_kind == "l1":  # the reviewers' ablation: a reward on the decoded continuous actions
+                r_action = 0.0 if not pred else float(np.clip(1 - np.abs(fast.decode(pred) - fast.decode(target)).mean() / 2, 0, 1))
+            else:
+                raise ValueError(f"reward_kind={reward_kind!r}: expected 'prefix' or 'l1'")
+            out.append((format_weight * r_format + action_weight * r_action, r_format, r_action))
+        return np.array(out, dtype=np.float64)
+
+    def prompt_inputs(samples, repeat):
+        return backbone.build_inputs([s["images"] for s in samples for _ in range(repeat)],
+                                     [prompt_template.format(instruction=s["instruction"]) for s in samples for _ in range(repeat)])
+
+    def sequence_logp(module, inputs, completions):
+        """Per-token log-probs [N, C] of the completions after their (left-padded) prompts."""
+        P = inputs["input_ids"].shape[1]
+        mask = completion_mask(completions, backbone.eos_id)
+        full = dict(backbone._model_inputs(inputs))
+        full["input_ids"] = torch.cat([full["input_ids"], completions.to(device)], 1)
+        full["attention_mask"] = torch.cat([full["attention_mask"], mask.to(device)], 1)
+        full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(completions).to(device)], 1)
+        with autocast:
+            logits = module(**full, use_cache=False).logits[:, P - 1:-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, completions.to(device)[..., None])[..., 0], mask.to(device)
+
+    @torch.no_grad()
+    def evaluate():
+        """Greedy answers to held-out prompts: eval_reward, eval_reward_format, eval_reward_action."""
+        backbone.model.eval()
+        sums = np.zeros(4)
+        mine = eval_ids[rank::world_size]
+        for k in range(0, len(mine), update_batch):
+            samples = [val_set[i] for i in mine[k:k + update_batch]]
+            with autocast:
+                completions = backbone.generate(prompt_inputs(samples, 1), max_new_tokens=max_new_tokens)
+            r = rewards_of(completions, [fast_target(s, fast, norm_stats) for s in samples])
+            sums += np.concatenate([r.sum(0), [len(samples)]])
+        sums = np.array(all_sum(*sums))
+        backbone.model.train()
+        return dict(zip(("eval_reward", "eval_reward_format", "eval_reward_action"), np.round(sums[:3] / max(sums[3], 1), 5).tolist()))
+
+    def checkpoint(step):
+        def write(tmp):
+            backbone.save_pretrained(tmp)
+            for name in ("fast_tokenizer.json", "norm_stats.json"):
+                shutil.copy(os.path.join(init_from, name), os.path.join(tmp, name))
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), config=config),
+                       os.path.join(tmp, "train_state.pt"))
+        if master:
+            save_checkpoint(out_dir, write)
+        if ddp:
+            dist.barrier()
+
+    if step == 0 and eval_ids:
+        metrics = evaluate()
+        logger.log(step=0, **metrics)
+        if master:
+            print("eval step 0 (the SFT model): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    bar = tqdm(total=max_iters, initial=step, disable=not master, desc="align_rl", dynamic_ncols=True)
+    per_rank_rollout, per_rank_update = rollout_batch // world_size, update_batch // world_size
+    while step < max_iters:
+        t0 = time.time()
+        # ---- rollouts: G samples per prompt, old log-probs recorded at sampling time ----
+        mine = global_batch_indices(step, len(prompt_ids), rollout_batch, seed)[rank * per_rank_rollout:(rank + 1) * per_rank_rollout]
+        batches = []
+        for k in range(0, len(mine), per_rank_update):
+            samples = [train_set[prompt_ids[i]] for i in mine[k:k + per_rank_update]]
+            inputs = prompt_inputs(samples, group_size)
+            backbone.model.eval()
+            with torch.no_grad(), autocast:
+                completions = backbone.generate(inputs, max_new_tokens=max_new_tokens, do_sample=True,
+                                                temperature=temperature, top_p=top_p)
+                old_logp, mask = sequence_logp(backbone.model, inputs, completions)
+                ref_logp = sequence_logp(reference.model, inputs, completions)[0] if reference is not None else None
+            backbone.model.train()
+            targets = [fast_target(s, fast, norm_stats) for s in samples for _ in range(group_size)]
+            r = rewards_of(completions, targets)
+            adv = group_advantages(r[:, 0].reshape(-1, group_size), scale=scale_rewards).reshape(-1).to(device)
+            zero_var = int((r[:, 0].reshape(-1, group_size).std(1) == 0).sum())
+            batches.append(dict(inputs=inputs, completions=completions, old_logp=old_logp, mask=mask, ref_logp=ref_logp,
+                                adv=adv, rewards=r, zero_var=zero_var))
+        # ---- GRPO updates: rollout_batch / update_batch optimizer steps over the rollout ----
+        clip_fracs, losses = [], []
+        for b in batches:
+            num_tokens, num_sequences = all_sum(b["mask"].sum().item(), len(b["mask"]))
+            logp, _ = sequence_logp(model, b["inputs"], b["completions"])
+            loss, stats = grpo_loss(logp, b["old_logp"], b["adv"], b["mask"], eps_low, eps_high, loss_norm,
+                                    b["ref_logp"], beta, num_tokens=num_tokens, num_sequences=num_sequences)
+            (loss * world_size).backward()  # DDP averages gradients over processes; the normalization is global
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            clip_fracs.append(stats["clip_frac"])
+            losses.append(loss.item() * world_size)
+        step += 1
+        r = np.concatenate([b["rewards"] for b in batches])
+        tot = all_sum(*r.sum(0), len(r), sum(b["zero_var"] for b in batches), sum(b["mask"].sum().item() for b in batches),
+                      float(np.mean(clip_fracs)), float(np.mean(losses)))
+        n = tot[3]
+        metrics = dict(reward=tot[0] / n, reward_format=tot[1] / n, reward_action=tot[2] / n,
+                       zero_var_groups=int(tot[4]), response_len=tot[5] / n, clip_frac=tot[6] / world_size,
+                       loss=tot[7] / world_size, lr=lr)
+        logger.log(step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        if master and step % log_interval == 0:
+            tqdm.write(f"step {step}/{max_iters} | reward {metrics['reward']:.3f} (format {metrics['reward_format']:.2f}, "
+                       f"action {metrics['reward_action']:.3f}) | zero-var groups {metrics['zero_var_groups']} | "
+                       f"len {metrics['response_len']:.1f} | {time.time() - t0:.1f} s")
+        if eval_ids and (step % eval_interval == 0 or step == max_iters):
+            metrics = evaluate()
+            logger.log(step=step, **metrics)
+            if master:
+                tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if step % save_interval == 0 or step == max_iters:
+            checkpoint(step)
+    bar.close()
+    if master:
+        print(f"done: {out_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
