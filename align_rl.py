@@ -64,12 +64,12 @@ eps_high = 0.2
 loss_norm = "token"  # "token": sum over all tokens / their count | "sequence": mean per sequence, then mean
 beta = 0.0  # k3 KL to the frozen start; 0 = no reference model is loaded
 # optimization: the paper's constant lr 1e-6 moves a 7B; a 2M-parameter model needs ~1000x more to move in minutes
-max_iters = 40  # rollout steps
-lr = 1e-4
+max_iters = 60  # rollout steps
+lr = 2e-5
 weight_decay = 0.0
 grad_clip = 1.0
-eval_interval = 10
-save_interval = 20
+eval_interval = 20
+save_interval = 30
 log_interval = 1
 resume = False
 # -----------------------------------------------------------------------------

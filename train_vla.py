@@ -69,9 +69,9 @@ cache_shard_size = 1024  # samples per safetensors shard
 cache_in_memory = True  # load shards into RAM (False: memory-map them, for caches larger than RAM)
 cache_batch_size = 32
 # optimization
-batch_size = 64  # micro-batch per process
+batch_size = 32  # micro-batch per process
 gradient_accumulation_steps = 1  # over all processes: global batch = batch_size * this
-max_iters = 1200
+max_iters = 1500
 lr = 1e-3
 min_lr = 1e-4
 warmup_frac = 0.05
@@ -79,9 +79,9 @@ weight_decay = 1e-5  # GR00T's fine-tuning value
 grad_clip = 1.0
 ema_decay = 0.0  # > 0: evaluate and save an exponential moving average of the head weights
 # evaluation and logging
-eval_interval = 400  # and at the end; 0 = only at the end
+eval_interval = 500  # and at the end; 0 = only at the end
 eval_samples = 256  # fixed held-out frames
-save_interval = 400
+save_interval = 500
 log_interval = 100
 resume = False
 # -----------------------------------------------------------------------------
