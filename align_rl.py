@@ -114,13 +114,6 @@ def completion_mask(completions, eos_id):
     return (is_eos.cumsum(1) - is_eos == 0).long()
 
 
-def decode_completion(backbone, ids):
-    ids = ids.tolist()
-    if backbone.eos_id in ids:
-        ids = ids[:ids.index(backbone.eos_id)]
-    return backbone.tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def main():
     config = configure(globals())
     rank, local_rank, world_size, device = setup_distributed()
@@ -188,7 +181,7 @@ def main():
         """(reward, r_format, r_action) per completion, targets repeated per sample."""
         out = []
         for ids, target in zip(completions, targets):
-            r_format = format_reward(decode_completion(backbone, ids), require_action=True)
+            r_format = format_reward(backbone.completion_text(ids), require_action=True)
             pred = backbone.parse_action_tokens(ids)
             if reward_kind == "prefix":
                 r_action = prefix_match_reward(pred, target)

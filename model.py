@@ -473,6 +473,13 @@ class Backbone(nn.Module):
         fast = [i - self.act_first_id for i in body]
         return fast if all(0 <= f < self.fast_vocab_size for f in fast) else None
 
+    def completion_text(self, ids):
+        """Generated ids (cut at <|im_end|>) -> text, keeping <ACTION_START>, <act_i>, <think> etc. as written."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     # ---- inputs ----
     def build_inputs(self, images, prompts, responses=None, padding_side="right", system_prompt=None):
         """images: per sample a list of uint8 [H, W, 3] arrays or PIL images; prompt/response strings.

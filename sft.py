@@ -163,14 +163,6 @@ def demonstrations(robot, max_steps, seed):
     return demos
 
 
-def decode_completion(backbone, ids):
-    """Generated ids (cut at <|im_end|>) -> text, keeping <ACTION_START>, <act_i>, <think> etc. as written."""
-    ids = ids.tolist()
-    if backbone.eos_id in ids:
-        ids = ids[:ids.index(backbone.eos_id)]
-    return backbone.tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def main():
     config = configure(globals())
     rank, local_rank, world_size, device = setup_distributed()
@@ -357,13 +349,13 @@ def main():
                 pred = backbone.parse_action_tokens(direct_ids)
                 sums["action_exact"] += pred == target
                 sums["action_prefix"] += prefix_match_reward(pred, target)
-                sums["think_action_format"] += format_reward(decode_completion(backbone, think_ids), require_action=True)
+                sums["think_action_format"] += format_reward(backbone.completion_text(think_ids), require_action=True)
                 sums["think_action_prefix"] += prefix_match_reward(backbone.parse_action_tokens(think_ids), target)
             sums["n_action"] += len(samples)
         mine = reasoning_probe[rank::world_size]
         for k in range(0, len(mine), batch_size):
             for ids in greedy([val_sets["reasoning"][i] for i in mine[k:k + batch_size]]):
-                sums["reasoning_format"] += format_reward(decode_completion(backbone, ids))
+                sums["reasoning_format"] += format_reward(backbone.completion_text(ids))
             sums["n_reasoning"] += len(mine[k:k + batch_size])
         sums = dict(zip(sums, all_sum(*sums.values())))
         for key in ("action_exact", "action_prefix", "think_action_format", "think_action_prefix", "reasoning_format"):

@@ -234,3 +234,9 @@ def test_tiny_is_deterministic():
     a, b = Backbone.tiny(fast_vocab_size=8, seed=0, num_layers=1), Backbone.tiny(fast_vocab_size=8, seed=0, num_layers=1)
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_completion_text_stops_at_im_end_and_keeps_action_tokens():
+    b = Backbone.tiny(fast_vocab_size=8)
+    ids = [b.action_start_id, *b.fast_to_token_ids([3, 0]), b.action_end_id, b.eos_id, b.pad_id, b.action_start_id]
+    assert b.completion_text(torch.tensor(ids)) == "<ACTION_START><act_3><act_0><ACTION_END>"
