@@ -158,6 +158,10 @@ def test_libero_reader_errors_name_file_key_and_shape(tmp_path):
     write_libero_file(no_info, problem_info=False)
     with pytest.raises(KeyError, match="noinfo_demo.hdf5: data.attrs\\['problem_info'\\] missing"):
         LiberoDataset(str(no_info))
+    with h5py.File(bad, "a") as f:
+        del f["data/demo_0/actions"]
+    with pytest.raises(KeyError, match=r"bad_demo.hdf5: data/demo_0/actions missing \(expected \[T, 7\]\)"):
+        LiberoDataset(str(bad))
     with pytest.raises(KeyError, match="obs/joint_pos missing"):
         LiberoDataset(str(good), state_keys=("joint_pos",))
     with pytest.raises(FileNotFoundError, match="neither a file nor a directory"):
