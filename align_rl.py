@@ -119,7 +119,7 @@ def main():
     rank, local_rank, world_size, device = setup_distributed()
     ddp, master = world_size > 1, rank == 0
     torch.manual_seed(seed + rank)  # sampling differs per rank; the data order does not
-    if rollout_batch % (update_batch * 1) or update_batch % world_size:
+    if rollout_batch % update_batch or update_batch % world_size:
         raise ValueError(f"rollout_batch={rollout_batch} must be a multiple of update_batch={update_batch}, "
                          f"which must be a multiple of the number of processes ({world_size})")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
