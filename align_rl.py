@@ -53,6 +53,7 @@ update_batch = 8  # prompts per optimizer step (paper: 128): rollout_batch / upd
 temperature = 1.0
 top_p = 1.0
 max_new_tokens = 64
+sample_per_prompt = False  # True: seed each prompt's group by (seed, step, prompt): world-size-independent samples
 # reward r = format_weight * r_format + action_weight * r_action (PAPER.md: 1/2 each)
 format_weight = 0.5
 action_weight = 0.5
@@ -196,8 +197,9 @@ def main():
         return backbone.build_inputs([s["images"] for s in samples for _ in range(repeat)],
                                      [prompt_template.format(instruction=s["instruction"]) for s in samples for _ in range(repeat)])
 
-    def sequence_logp(module, inputs, completions):
-        """Per-token log-probs [N, C] of the completions after their (left-padded) prompts."""
+    def sequence_logp(module, inputs, completions, with_entropy=False):
+        """Per-token log-probs [N, C] of the completions after their (left-padded) prompts, their mask, and
+        (with_entropy) the policy's per-token entropy [N, C], detached."""
         P = inputs["input_ids"].shape[1]
         mask = completion_mask(completions, backbone.eos_id)
         full = dict(backbone._model_inputs(inputs))
@@ -206,7 +208,28 @@ def main():
         full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(completions).to(device)], 1)
         with autocast:
             logits = module(**full, use_cache=False).logits[:, P - 1:-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, completions.to(device)[..., None])[..., 0], mask.to(device)
+        logprobs = torch.log_softmax(logits, -1)
+        logp = logprobs.gather(-1, completions.to(device)[..., None])[..., 0]
+        if not with_entropy:
+            return logp, mask.to(device)
+        with torch.no_grad():
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+        return logp, mask.to(device), entropy
+
+    def sample_completions(samples, inputs, keys, step):
+        """G sampled completions per prompt [len(samples) * G, C]. sample_per_prompt: each prompt's group comes
+        from its own generate call seeded by (seed, step, prompt id), so the samples depend neither on the world
+        size nor on which prompts share a batch (what the 1-vs-2-process test needs); otherwise one batched call."""
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+        if not sample_per_prompt:
+            return backbone.generate(inputs, **kwargs)
+        groups = []
+        for sample, key in zip(samples, keys):
+            torch.manual_seed(int(np.random.default_rng([seed, step, key]).integers(2 ** 62)))
+            groups.append(backbone.generate(prompt_inputs([sample], group_size), **kwargs))
+        # a group shorter than another ended on <|im_end|> in every row, so padding it keeps the masks right
+        width = max(g.shape[1] for g in groups)
+        return torch.cat([torch.nn.functional.pad(g, (0, width - g.shape[1]), value=backbone.pad_id) for g in groups])
 
     @torch.no_grad()
     def evaluate():
@@ -244,50 +267,61 @@ def main():
         if master:
             print("eval step 0 (the SFT model): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     bar = tqdm(total=max_iters, initial=step, disable=not master, desc="align_rl", dynamic_ncols=True)
-    per_rank_rollout, per_rank_update = rollout_batch // world_size, update_batch // world_size
+    per_rank_update = update_batch // world_size
     while step < max_iters:
         t0 = time.time()
         # ---- rollouts: G samples per prompt, old log-probs recorded at sampling time ----
-        mine = global_batch_indices(step, len(prompt_ids), rollout_batch, seed)[rank * per_rank_rollout:(rank + 1) * per_rank_rollout]
-        batches = []
-        for k in range(0, len(mine), per_rank_update):
-            samples = [train_set[prompt_ids[i]] for i in mine[k:k + per_rank_update]]
+        # optimizer step j uses the global prompts rollout[j*U:(j+1)*U], split over ranks: the same prompts per
+        # step as one process, whatever the world size
+        rollout = global_batch_indices(step, len(prompt_ids), rollout_batch, seed)
+        batches, gen_tokens, gen_time = [], 0, 0.0
+        for j in range(0, rollout_batch, update_batch):
+            mine = [prompt_ids[i] for i in rollout[j:j + update_batch][rank * per_rank_update:(rank + 1) * per_rank_update]]
+            samples = [train_set[i] for i in mine]
             inputs = prompt_inputs(samples, group_size)
             backbone.model.eval()
+            t_gen = time.time()
             with torch.no_grad(), autocast:
-                completions = backbone.generate(inputs, max_new_tokens=max_new_tokens, do_sample=True,
-                                                temperature=temperature, top_p=top_p)
+                completions = sample_completions(samples, inputs, mine, step)
+                gen_time += time.time() - t_gen
                 old_logp, mask = sequence_logp(backbone.model, inputs, completions)
                 ref_logp = sequence_logp(reference.model, inputs, completions)[0] if reference is not None else None
             backbone.model.train()
             targets = [fast_target(s, fast, norm_stats) for s in samples for _ in range(group_size)]
             r = rewards_of(completions, targets)
             adv = group_advantages(r[:, 0].reshape(-1, group_size), scale=scale_rewards).reshape(-1).to(device)
-            zero_var = int((r[:, 0].reshape(-1, group_size).std(1) == 0).sum())
+            group_std = r[:, 0].reshape(-1, group_size).std(1)
+            gen_tokens += int(mask.sum())
             batches.append(dict(inputs=inputs, completions=completions, old_logp=old_logp, mask=mask, ref_logp=ref_logp,
-                                adv=adv, rewards=r, zero_var=zero_var))
+                                adv=adv, rewards=r, zero_var=int((group_std == 0).sum()), group_std=float(group_std.sum())))
         # ---- GRPO updates: rollout_batch / update_batch optimizer steps over the rollout ----
-        clip_fracs, losses = [], []
+        clip_fracs, losses, grad_norms, kl_sum, entropy_sum = [], [], [], 0.0, 0.0
         for b in batches:
             num_tokens, num_sequences = all_sum(b["mask"].sum().item(), len(b["mask"]))
-            logp, _ = sequence_logp(model, b["inputs"], b["completions"])
+            logp, _, entropy = sequence_logp(model, b["inputs"], b["completions"], with_entropy=True)
             loss, stats = grpo_loss(logp, b["old_logp"], b["adv"], b["mask"], eps_low, eps_high, loss_norm,
                                     b["ref_logp"], beta, num_tokens=num_tokens, num_sequences=num_sequences)
             (loss * world_size).backward()  # DDP averages gradients over processes; the normalization is global
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # k3 estimate of KL(old || new) on the sampled tokens: how far this update moved
+                log_ratio = (b["old_logp"] - logp.detach()) * b["mask"]
+                kl_sum += float((torch.exp(log_ratio) - log_ratio - 1).mul(b["mask"]).sum())
+                entropy_sum += float((entropy * b["mask"]).sum())
             clip_fracs.append(stats["clip_frac"])
             losses.append(loss.item() * world_size)
         step += 1
         r = np.concatenate([b["rewards"] for b in batches])
         tot = all_sum(*r.sum(0), len(r), sum(b["zero_var"] for b in batches), sum(b["mask"].sum().item() for b in batches),
-                      float(np.mean(clip_fracs)), float(np.mean(losses)))
-        n = tot[3]
+                      float(np.mean(clip_fracs)), float(np.mean(losses)), sum(b["group_std"] for b in batches), kl_sum,
+                      entropy_sum, gen_tokens / max(gen_time, 1e-9))
+        n, n_tokens = tot[3], tot[5]
         metrics = dict(reward=tot[0] / n, reward_format=tot[1] / n, reward_action=tot[2] / n,
-                       zero_var_groups=int(tot[4]), response_len=tot[5] / n, clip_frac=tot[6] / world_size,
-                       loss=tot[7] / world_size, lr=lr)
+                       reward_std=tot[8] / (n / group_size), zero_var_groups=int(tot[4]),
+                       zero_var_frac=tot[4] / (n / group_size), response_len=n_tokens / n, clip_frac=tot[6] / world_size,
+                       approx_kl=tot[9] / n_tokens, entropy=tot[10] / n_tokens, gen_tokens_per_s=tot[11],
+                       grad_norm=float(np.mean(grad_norms)), loss=tot[7] / world_size, lr=lr)
         logger.log(step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}")

@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from align_rl import completion_mask, group_advantages, grpo_loss
+import data
 from data import LiberoDataset, NormStats, chunk_at, make_synthetic_dataset
 from model import Backbone, FastTokenizer
 
@@ -77,8 +79,24 @@ def stage1(tmp_path_factory):
     chunks = np.stack([chunk_at(ep["actions"], t, 4)[0] for ep in ds.episodes for t in range(len(ep["actions"]))])
     fast = FastTokenizer.fit(stats.normalize_actions(chunks), vocab_size=16, scale=1.0)
     sft = str(root / "sft")
-    Backbone.tiny(fast_vocab_size=16, seed=0, hidden_size=32, num_layers=2, num_heads=2, vision_depth=1,
-                  vision_hidden_size=32).save_pretrained(sft)
+    backbone = Backbone.tiny(fast_vocab_size=16, seed=0, hidden_size=32, num_layers=2, num_heads=2, vision_depth=1,
+                             vision_hidden_size=32)
+    # a few steps of think-then-act SFT so that sampled answers are sometimes well formed and partly right:
+    # a random model's rewards are all 0 and GRPO would have nothing to update on
+    torch.manual_seed(0)
+    samples = [ds[i] for i in range(0, len(ds), max(1, len(ds) // 8))]
+    inputs = backbone.build_inputs(
+        [s["images"] for s in samples], [data.REASONING_ACTION_PROMPT.format(instruction=s["instruction"]) for s in samples],
+        [f"<think>go</think><answer>{backbone.action_text(fast.encode(stats.normalize_actions(s['actions'])))}</answer>"
+         for s in samples])
+    optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=1e-2)
+    for _ in range(40):
+        logits = backbone.model(**backbone._model_inputs(inputs), use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    backbone.save_pretrained(sft)
     fast.save(os.path.join(sft, "fast_tokenizer.json"))
     stats.save(os.path.join(sft, "norm_stats.json"))
     return root, data_dir, sft
@@ -106,11 +124,27 @@ def test_runs_and_writes_a_stage_checkpoint(stage1):
     Backbone.from_pretrained(str(root / "one"))  # the next stage's loading path
 
 
-def test_two_processes_run(stage1):
+def test_two_processes_give_the_same_update_as_one(stage1):
+    """Same global batch, same samples (seeded per prompt): the two-process run must take the same optimizer
+    steps. lr is large so that a wrong split of prompts over updates or a wrong loss normalization would show."""
     root, data_dir, sft = stage1
-    r = run(root, data_dir, sft, "two", nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert os.path.isfile(root / "two" / "train_state.pt")
+    extra = ["--sample_per_prompt=True", "--lr=1e-3", "--max_new_tokens=32"]
+    for name, nproc in (("one_seeded", 1), ("two_seeded", 2)):
+        r = run(root, data_dir, sft, name, extra, nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    logs = {}
+    for name in ("one_seeded", "two_seeded"):
+        with open(root / name / "metrics.jsonl") as f:
+            logs[name] = [json.loads(line) for line in f if "reward" in line and "eval" not in line][0]
+    one, two = logs["one_seeded"], logs["two_seeded"]
+    assert one["zero_var_groups"] < 4, "every group had equal rewards: the update would be trivially zero"
+    for key in ("reward", "reward_action", "reward_std", "response_len", "loss", "grad_norm", "approx_kl", "entropy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    a, b = load_file(str(root / "one_seeded" / "model.safetensors")), load_file(str(root / "two_seeded" / "model.safetensors"))
+    start = load_file(os.path.join(sft, "model.safetensors"))
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-4  # the update did something
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3 * moved
 
 
 def test_missing_sft_checkpoint_is_a_clear_error(stage1, tmp_path):
