@@ -1239,6 +1239,7 @@ SYNTH_TASKS = [("red", "blue"), ("blue", "green"), ("green", "yellow"), ("yellow
 TABLE, BLOCK, STEP = 0.25, 0.05, 0.03   # table half-size, block size, max displacement per step (metres)
 HOVER, GRASP_Z, PLACE_Z = 0.12, 0.02, 0.06
 AGENT_SPAN, WRIST_SPAN = 0.30, 0.12      # half-width of the area each camera sees
+HOME_JITTER = 0.02                        # start within +-2 cm of the table centre
 
 
 def _render(blocks, held, gripper, center, span, size):
@@ -1293,7 +1294,9 @@ def _synthetic_episode(rng, task, noise=0.01):
         if min(np.hypot(*(pos[i] - pos[j])) for i in range(4) for j in range(i)) > 0.1:
             break
     blocks = {name: (pos[i, 0], pos[i, 1], rng.uniform(-math.pi / 4, math.pi / 4)) for i, name in enumerate(COLORS)}
-    g = np.array([*rng.uniform(-TABLE, TABLE, 2), HOVER + rng.uniform(0, 0.04), 0.0, -1.0])  # x, y, z, yaw, grip
+    # the arm starts near a home pose above the table centre, as LIBERO's init states do: a random start would
+    # add two input dimensions the head must generalize over from a few hundred demonstrations
+    g = np.array([*rng.uniform(-HOME_JITTER, HOME_JITTER, 2), HOVER + rng.uniform(0, 0.04), 0.0, -1.0])  # x, y, z, yaw, grip
     (ax, ay, ayaw), (bx, by, _) = blocks[pick], blocks[place]
     # waypoints: (target xyz, target yaw, gripper command, phase)
     plan = [((ax, ay, HOVER), ayaw, -1, "reach"), ((ax, ay, GRASP_Z), ayaw, -1, "descend"), (None, ayaw, 1, "grasp"),
@@ -1381,10 +1384,10 @@ def _vqa(rng, blocks, frame):
             ("Is the gripper open or closed?", "Closed." if g[4] > 0 else "Open.")][rng.integers(3)]
 
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # 2: home start pose
 
 
-def make_synthetic_dataset(out_dir, seed=0, demos_per_task=16, val_demos_per_task=4, image_size=56,
+def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_task=4, image_size=56,
                            qa_per_demo=6, tasks=None):
     """Write the embedded default dataset to out_dir (skipped if an identical one is already there):
 
