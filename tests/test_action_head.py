@@ -220,12 +220,8 @@ def camera_images(seed=0, n=2):
 def test_vla_predict_action_in_robot_units(tiny_vla):
     vla, images = tiny_vla, camera_images()
     state = robot_data()[1][0]
-    vla.predict_action(images, "pick up the red block", state)  # warm-up (first call allocates)
-    t0 = time.time()
     out = vla.predict_action(images, "pick up the red block", state, generator=torch.Generator().manual_seed(0))
-    elapsed = time.time() - t0
-    assert out.shape == (H, 7) and out.dtype == np.float32 and np.isfinite(out).all()
-    assert elapsed < 0.5, f"predict_action took {elapsed:.3f} s"
+    assert out.shape == (H, 7) and out.dtype == np.float32 and np.isfinite(out).all()  # latency: bench/vla_latency.py
     # robot units = unnormalize(head sample) for the same features, normalized state and noise
     feats, mask = vla.features([images], ["pick up the red block"])
     norm_state = torch.as_tensor(vla.norm_stats.normalize_state(state[None]))
