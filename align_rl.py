@@ -11,9 +11,10 @@ clipped-ratio steps. Written out here, no RL framework.
 
 Writes out_dir like sft.py (backbone in HF format, fast_tokenizer.json, norm_stats.json, run_config.json,
 train_state.pt, metrics.jsonl with, per rollout step, reward / reward_format / reward_action, reward_std (within
-groups), zero_var_groups / zero_var_frac, response_len, clip_frac, approx_kl (k3, old -> updated policy), entropy,
-gen_tokens_per_s, grad_norm, loss; and eval_reward / eval_reward_format / eval_reward_action on held-out prompts,
-decoded greedily, at the start, every eval_interval and at the end).
+groups), zero_var_groups / zero_var_frac, response_len, clip_frac, approx_kl (k3, from the sampling policy to
+the policy before each optimizer step), entropy, gen_tokens_per_s, grad_norm, loss; and eval_reward /
+eval_reward_format / eval_reward_action on held-out prompts, decoded greedily, at the start, every
+eval_interval and at the end).
 """
 
 import json
@@ -309,8 +310,8 @@ def main():
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # k3 estimate of KL(old || new) on the sampled tokens: how far this update moved
-                log_ratio = (b["old_logp"] - logp.detach()) * b["mask"]
+            with torch.no_grad():  # k3 estimate of KL(sampling policy || policy before this step), unbiased for
+                log_ratio = (logp.detach() - b["old_logp"]) * b["mask"]  # tokens sampled from the former (Schulman)
                 kl_sum += float((torch.exp(log_ratio) - log_ratio - 1).mul(b["mask"]).sum())
                 entropy_sum += float((entropy * b["mask"]).sum())
             clip_fracs.append(stats["clip_frac"])
