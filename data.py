@@ -332,6 +332,8 @@ class LiberoDataset:
     flip_images: rotate images 180 degrees. Files written by LIBERO's scripts store robosuite's renders,
     which are upside down; eval_libero.py rotates the live renders by 180 degrees (the OpenVLA / openpi
     protocol), so set this for official files to see the same orientation in training and evaluation.
+    A demo may carry per-step reasoning text, data/demo_i/reasoning [T] strings (the embedded default writes
+    it; official LIBERO files have none): samples then have a "reasoning" key (sft.py's think_action uses it).
     """
 
     def __init__(self, paths, horizon=16, cameras=LIBERO_CAMERAS, state_keys=LIBERO_STATE_KEYS,
@@ -363,8 +365,13 @@ class LiberoDataset:
                         shape = g["obs"][cam].shape if f"obs/{cam}" in g else None
                         if shape is None or len(shape) != 4 or shape[0] != len(actions) or shape[3] != 3:
                             raise ValueError(f"{where}/obs/{cam} has shape {shape}, expected uint8 [T={len(actions)}, H, W, 3]")
+                    reasoning = None
+                    if "reasoning" in g:
+                        reasoning = [r.decode() if isinstance(r, bytes) else str(r) for r in g["reasoning"][()]]
+                        if len(reasoning) != len(actions):
+                            raise ValueError(f"{where}/reasoning has {len(reasoning)} entries, expected one per step ({len(actions)})")
                     self.episodes.append(dict(file=path, demo=demo, instruction=instruction, actions=actions,
-                                              states=np.concatenate(states, axis=1)))
+                                              states=np.concatenate(states, axis=1), reasoning=reasoning))
         self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep["actions"]))]
         self._handles, self._pid = {}, None
 
@@ -397,8 +404,11 @@ class LiberoDataset:
         if self.flip_images:
             images = [np.ascontiguousarray(im[::-1, ::-1]) for im in images]
         actions, mask = chunk_at(ep["actions"], t, self.horizon)
-        return dict(images=images, instruction=ep["instruction"], state=ep["states"][t].copy(), actions=actions,
-                    action_mask=mask, episode=f"{os.path.basename(ep['file'])}:{ep['demo']}", t=t)
+        sample = dict(images=images, instruction=ep["instruction"], state=ep["states"][t].copy(), actions=actions,
+                      action_mask=mask, episode=f"{os.path.basename(ep['file'])}:{ep['demo']}", t=t)
+        if ep["reasoning"] is not None:
+            sample["reasoning"] = ep["reasoning"][t]
+        return sample
 
     def all_actions(self):
         return np.concatenate([ep["actions"] for ep in self.episodes])
@@ -1330,7 +1340,7 @@ def _synthetic_episode(rng, task, noise=0.01):
     return blocks, frames
 
 
-def _write_episode(group, blocks, frames, image_size):
+def _write_episode(group, blocks, frames, image_size, task):
     T = len(frames)
     agent = np.stack([_render(blocks, f["held"], f["g"], (0.0, 0.0), AGENT_SPAN, image_size) for f in frames])
     wrist = np.stack([_render(blocks, f["held"], f["g"], f["g"][:2], WRIST_SPAN, image_size) for f in frames])
@@ -1353,25 +1363,26 @@ def _write_episode(group, blocks, frames, image_size):
     group.create_dataset("states", data=np.concatenate([np.repeat(scene[None], T, 0), gs], axis=1))
     group.create_dataset("rewards", data=np.eye(T, dtype=np.uint8)[-1])
     group.create_dataset("dones", data=np.eye(T, dtype=np.uint8)[-1])
+    # per-step reasoning annotations (an extension of the LIBERO layout, like ECoT's): LiberoDataset exposes them
+    group.create_dataset("reasoning", data=[_scene_thought(blocks, f, task)[0] for f in frames], dtype=h5py.string_dtype())
     group.attrs["num_samples"] = T
     return agent, wrist
 
 
-def _reasoning(blocks, frame, task):
-    """A think/answer text about one frame, naming what the image shows (DESIGN.md "embedded default")."""
+def _scene_thought(blocks, frame, task):
+    """What the image shows and what to do next, in words (DESIGN.md "embedded default"): (thought, answer)."""
     pick, place = task
     g, phase = frame["g"], frame["phase"]
     target = pick if phase in ("reach", "descend", "grasp") else place
     tx, ty, _ = blocks[target]
     rel, move = _relation(tx - g[0], ty - g[1]), _move_words(tx - g[0], ty - g[1])
     state = "closed and holding the " + pick + " block" if frame["held"] else ("closed" if g[4] > 0 else "open")
-    think = f"The gripper is {state}. The {target} block is {rel} the gripper."
     answer = {"reach": f"move {move} above the {pick} block" if move else f"turn to line up with the {pick} block",
               "descend": f"move down onto the {pick} block", "grasp": "close the gripper",
               "lift": "lift the block up", "carry": f"move {move} above the {place} block" if move else "hold still",
               "lower": f"move down onto the {place} block", "release": "open the gripper",
               "retreat": "move up away from the blocks"}[phase]
-    return f"<think>{think} So the robot should {answer}.</think><answer>{answer}</answer>"
+    return f"The gripper is {state}. The {target} block is {rel} the gripper. So the robot should {answer}.", answer
 
 
 def _vqa(rng, blocks, frame):
@@ -1384,14 +1395,15 @@ def _vqa(rng, blocks, frame):
             ("Is the gripper open or closed?", "Closed." if g[4] > 0 else "Open.")][rng.integers(3)]
 
 
-SYNTHETIC_VERSION = 2  # 2: home start pose
+SYNTHETIC_VERSION = 3  # 2: home start pose; 3: per-step reasoning in the hdf5 files
 
 
 def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_task=4, image_size=56,
                            qa_per_demo=6, tasks=None):
     """Write the embedded default dataset to out_dir (skipped if an identical one is already there):
 
-        libero/{train,val}/<task>_demo.hdf5     LIBERO layout, one file per task
+        libero/{train,val}/<task>_demo.hdf5     LIBERO layout, one file per task, plus data/demo_i/reasoning:
+                                                one thought per step (what the image shows, what to do next)
         vqa_{train,val}.json, reasoning_{train,val}.json, images/...png   LLaVA-style conversations
         dataset.json                            what was generated (the arguments below)
 
@@ -1424,7 +1436,7 @@ def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_tas
                 total = 0
                 for d in range(n_demos):
                     blocks, frames = _synthetic_episode(rng, task)
-                    agent, wrist = _write_episode(data.create_group(f"demo_{d}"), blocks, frames, image_size)
+                    agent, wrist = _write_episode(data.create_group(f"demo_{d}"), blocks, frames, image_size, task)
                     total += len(frames)
                     for q in range(qa_per_demo):  # conversations about random frames of this demo
                         t = int(rng.integers(len(frames)))
@@ -1442,7 +1454,8 @@ def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_tas
                                               "conversations": [{"from": "human", "value": "<image>\n" + REASONING_ACTION_PROMPT
                                                                  .replace(" give the action tokens", " say what to do")
                                                                  .format(instruction=instruction)},
-                                                                {"from": "gpt", "value": _reasoning(blocks, frames[t], task)}]})
+                                                                {"from": "gpt", "value": "<think>{}</think><answer>{}</answer>".format(
+                                                                    *_scene_thought(blocks, frames[t], task))}]})
                 data.attrs["num_demos"], data.attrs["total"] = n_demos, total
         for kind, records in (("vqa", vqa), ("reasoning", reasoning)):
             with open(os.path.join(tmp, f"{kind}_{split}.json"), "w") as f:

@@ -61,7 +61,7 @@ robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False  # rotate robot images by 180 degrees (official LIBERO files, see data.LiberoDataset)
 # mixture weights (PAPER.md "Stage 1": (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
-# the RL prompt answered with a one-line thought and the action tokens. Stage 2 (align_rl.py) prompts with
+# the RL prompt answered with a thought (the data's per-step scene reasoning if it has any) and the action tokens. Stage 2 (align_rl.py) prompts with
 # REASONING_ACTION_PROMPT and rewards <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a
 # format a 2M-parameter model never produces by chance; this small component gives it a non-zero start.
 # A 7B model follows the instruction zero-shot, so the paper's config sets it to 0.
@@ -71,7 +71,8 @@ action_weight = 0.5
 think_action_weight = 0.1
 action_prompt = data.ACTION_PROMPT
 think_action_prompt = data.REASONING_ACTION_PROMPT
-think_action_response = "<think>I need to {instruction}.</think><answer>{action}</answer>"
+think_action_response = "<think>{thought}</think><answer>{action}</answer>"
+think_action_thought = "I need to {instruction}."  # the thought for robot data without per-step reasoning
 # FAST action tokens (PAPER.md "Stage 0")
 action_horizon = 8  # chunk length H of the FAST targets
 fast_vocab_size = 16  # 2048 in the paper; see fast_scale
@@ -91,6 +92,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 freeze_vision = True  # PAPER.md: vision encoder frozen (the merger / projector still trains)
+vision_lr_scale = 1.0  # lr multiplier of the vision blocks when freeze_vision=False
 gradient_checkpointing = False
 # evaluation and logging
 eval_interval = 500  # also at step 0 and at the end; 0 = no evaluation
@@ -248,7 +250,10 @@ def main():
         if component == "action":
             return dict(images=sample["images"], prompt=action_prompt.format(instruction=sample["instruction"]), response=action)
         return dict(images=sample["images"], prompt=think_action_prompt.format(instruction=sample["instruction"]),
-                    response=think_action_response.format(instruction=sample["instruction"], action=action))
+                    response=think_action_response.format(thought=thought(sample), action=action))
+
+    def thought(sample):  # the dataset's per-step reasoning (the embedded default has it), else a template
+        return sample.get("reasoning") or think_action_thought.format(instruction=sample["instruction"])
 
     def build(pairs, sets):
         examples = [example(COMPONENTS[c], sets[COMPONENTS[c]][i]) for c, i in pairs]
@@ -267,8 +272,12 @@ def main():
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
                     gradient_as_bucket_view=True)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    vision = {id(p) for name, p in backbone.model.model.visual.named_parameters() if not name.startswith("merger.")}
+    groups = [dict(params=[p for p in params if p.dim() >= 2 and (id(p) in vision) == v], weight_decay=weight_decay, lr_scale=scale)
+              for v, scale in ((False, 1.0), (True, vision_lr_scale))]
+    groups += [dict(params=[p for p in params if p.dim() < 2 and (id(p) in vision) == v], weight_decay=0.0, lr_scale=scale)
+               for v, scale in ((False, 1.0), (True, vision_lr_scale))]
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device.type == "cuda")
     warmup_iters = math.ceil(warmup_frac * max_iters)
     step = 0
@@ -394,7 +403,7 @@ def main():
     while step < max_iters:
         step_lr = cosine_lr(step, max_iters, lr, warmup_iters, min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = step_lr
+            group["lr"] = step_lr * group["lr_scale"]
         per_rank = global_batch // world_size
         pairs = mixture_batch(step, sizes, counts, seed)[rank * per_rank:(rank + 1) * per_rank]
         micro_batches = [build(pairs[k * batch_size:(k + 1) * batch_size], train_sets) for k in range(accum_per_rank)]

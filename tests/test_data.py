@@ -128,6 +128,39 @@ def test_libero_reader_samples_and_collate(synth):
     assert batch["instructions"] == [ep["instruction"]] * 2
 
 
+def test_synthetic_per_step_reasoning_describes_the_scene(synth):
+    """Each step's thought names the block the arm is heading for and where it is, as the scene state says."""
+    ds = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=4)
+    start = 0
+    for ep in ds.episodes:
+        with h5py.File(ep["file"], "r") as f:
+            scene = f["data"][ep["demo"]]["states"][0]
+        pick = ep["instruction"].split()[2]
+        bx, by = scene[3 * list(data.COLORS).index(pick): 3 * list(data.COLORS).index(pick) + 2]
+        dx, dy = bx - ep["states"][0, 0], by - ep["states"][0, 1]
+        thought = ds[start]["reasoning"]
+        assert thought.startswith(f"The gripper is open. The {pick} block is "), thought
+        assert ("behind" in thought) == (dy > 0.015) and ("in front of" in thought) == (dy < -0.015), (thought, dy)
+        assert ("right of" in thought) == (dx > 0.015) and ("left of" in thought) == (dx < -0.015), (thought, dx)
+        assert thought.endswith(f"above the {pick} block.") or "turn to line up" in thought
+        start += len(ep["actions"])
+    assert len(ds.episodes[0]["reasoning"]) == len(ds.episodes[0]["actions"])
+
+
+def test_libero_reader_optional_reasoning(tmp_path):
+    path = tmp_path / "r_demo.hdf5"
+    write_libero_file(path)
+    assert "reasoning" not in LiberoDataset(str(path), horizon=2)[0]  # official LIBERO files have none
+    with h5py.File(path, "a") as f:
+        f["data/demo_0"].create_dataset("reasoning", data=[f"step {t}" for t in range(6)], dtype=h5py.string_dtype())
+    assert LiberoDataset(str(path), horizon=2)[4]["reasoning"] == "step 4"
+    with h5py.File(path, "a") as f:
+        del f["data/demo_0/reasoning"]
+        f["data/demo_0"].create_dataset("reasoning", data=["a", "b"], dtype=h5py.string_dtype())
+    with pytest.raises(ValueError, match=r"r_demo.hdf5: data/demo_0/reasoning has 2 entries, expected one per step \(6\)"):
+        LiberoDataset(str(path))
+
+
 def write_libero_file(path, actions_shape=(6, 7), problem_info=True, instruction="open the drawer"):
     """A file as LIBERO's own scripts write it: extra keys, a word-list instruction variant."""
     with h5py.File(path, "w") as f:
