@@ -108,6 +108,13 @@ resume = False
 COMPONENTS = ("vqa", "reasoning", "action", "think_action")
 
 
+def think_action_text(sample, action, response=None, fallback=None):
+    """The think_action target: the dataset's per-step reasoning as the thought (the embedded default has it),
+    else the fallback template; then the action tokens. Defaults: think_action_response / _thought above."""
+    thought = sample.get("reasoning") or (fallback or think_action_thought).format(instruction=sample["instruction"])
+    return (response or think_action_response).format(thought=thought, action=action)
+
+
 def mixture_counts(weights, global_batch):
     """How many of the global batch's samples each component gets: largest-remainder rounding of
     weight / sum * global_batch, so every batch has the same composition (lower-variance steps than
@@ -250,10 +257,7 @@ def main():
         if component == "action":
             return dict(images=sample["images"], prompt=action_prompt.format(instruction=sample["instruction"]), response=action)
         return dict(images=sample["images"], prompt=think_action_prompt.format(instruction=sample["instruction"]),
-                    response=think_action_response.format(thought=thought(sample), action=action))
-
-    def thought(sample):  # the dataset's per-step reasoning (the embedded default has it), else a template
-        return sample.get("reasoning") or think_action_thought.format(instruction=sample["instruction"])
+                    response=think_action_text(sample, action))
 
     def build(pairs, sets):
         examples = [example(COMPONENTS[c], sets[COMPONENTS[c]][i]) for c, i in pairs]

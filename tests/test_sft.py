@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import data
 from data import format_reward, make_synthetic_dataset, prefix_match_reward
-from sft import COMPONENTS, demonstrations, mixture_batch, mixture_counts
+from sft import COMPONENTS, demonstrations, mixture_batch, mixture_counts, think_action_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--vision_depth=1", "--vision_embd=32", "--fast_vocab_size=64"]
@@ -45,6 +45,16 @@ def test_reward_functions_by_hand():
     assert format_reward(act, require_action=True) == 1.0 and format_reward(act) == 1.0
     assert format_reward(ok, require_action=True) == 0.0
     assert format_reward("<think>a</think><answer>x <ACTION_START><act_3><ACTION_END></answer>", require_action=True) == 0.0
+
+
+def test_think_action_target_uses_the_per_step_reasoning():
+    act = "<ACTION_START><act_1><ACTION_END>"
+    with_reasoning = dict(instruction="open the drawer", reasoning="The drawer is left of the gripper.")
+    assert think_action_text(with_reasoning, act) == \
+        "<think>The drawer is left of the gripper.</think><answer><ACTION_START><act_1><ACTION_END></answer>"
+    assert think_action_text(dict(instruction="open the drawer"), act) == \
+        "<think>I need to open the drawer.</think><answer><ACTION_START><act_1><ACTION_END></answer>"
+    assert format_reward(think_action_text(with_reasoning, act), require_action=True) == 1.0
 
 
 def test_mixture_counts_by_hand():
