@@ -14,7 +14,8 @@ train_state.pt, metrics.jsonl with, per rollout step, reward / reward_format / r
 groups), zero_var_groups / zero_var_frac, response_len, clip_frac, approx_kl (k3, from the sampling policy to
 the policy before each optimizer step), entropy, gen_tokens_per_s, grad_norm, loss; and eval_reward /
 eval_reward_format / eval_reward_action on held-out prompts, decoded greedily, at the start, every
-eval_interval and at the end).
+eval_interval and at the end; eval_sampled_reward / _format / _action: one answer per held-out prompt sampled
+at the rollout temperature, at the start and the end).
 """
 
 import json
@@ -74,6 +75,7 @@ lr = 2e-5
 weight_decay = 0.0
 grad_clip = 1.0
 eval_interval = 20
+eval_sampled = True  # also score one rollout-temperature sample per held-out prompt, at the start and the end
 save_interval = 30
 log_interval = 1
 resume = False
@@ -237,20 +239,26 @@ def main():
         return torch.cat([torch.nn.functional.pad(g, (0, width - g.shape[1]), value=backbone.pad_id) for g in groups])
 
     @torch.no_grad()
-    def evaluate():
-        """Greedy answers to held-out prompts: eval_reward, eval_reward_format, eval_reward_action."""
+    def evaluate(sampled=False):
+        """Held-out prompts answered greedily: eval_reward, eval_reward_format, eval_reward_action; sampled=True:
+        one answer per prompt sampled as in the rollouts (eval_sampled_*), the policy GRPO actually optimizes.
+        The samples draw on their own seeded generator, so evaluating does not move the training RNG."""
         backbone.model.eval()
         sums = np.zeros(4)
         mine = eval_ids[rank::world_size]
-        for k in range(0, len(mine), eval_batch_size):
-            samples = [val_set[i] for i in mine[k:k + eval_batch_size]]
-            with autocast:
-                completions = backbone.generate(prompt_inputs(samples, 1), max_new_tokens=max_new_tokens)
-            r = rewards_of(completions, [fast_target(s, fast, norm_stats) for s in samples])
-            sums += np.concatenate([r.sum(0), [len(samples)]])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(10_000 + rank)
+            for k in range(0, len(mine), eval_batch_size):
+                samples = [val_set[i] for i in mine[k:k + eval_batch_size]]
+                kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sampled else {}
+                with autocast:
+                    completions = backbone.generate(prompt_inputs(samples, 1), max_new_tokens=max_new_tokens, **kwargs)
+                r = rewards_of(completions, [fast_target(s, fast, norm_stats) for s in samples])
+                sums += np.concatenate([r.sum(0), [len(samples)]])
         sums = np.array(all_sum(*sums))
         backbone.model.train()
-        return dict(zip(("eval_reward", "eval_reward_format", "eval_reward_action"), np.round(sums[:3] / max(sums[3], 1), 5).tolist()))
+        prefix = "eval_sampled_" if sampled else "eval_"
+        return {prefix + k: v for k, v in zip(("reward", "reward_format", "reward_action"), np.round(sums[:3] / max(sums[3], 1), 5).tolist())}
 
     def checkpoint(step):
         def write(tmp):
@@ -267,7 +275,7 @@ def main():
             dist.barrier()
 
     if step == 0 and eval_ids:
-        metrics = evaluate()
+        metrics = {**evaluate(), **(evaluate(sampled=True) if eval_sampled else {})}
         logger.log(step=0, **metrics)
         if master:
             print("eval step 0 (the SFT model): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -335,7 +343,7 @@ def main():
                        f"action {metrics['reward_action']:.3f}) | zero-var groups {metrics['zero_var_groups']} | "
                        f"len {metrics['response_len']:.1f} | {time.time() - t0:.1f} s")
         if eval_ids and (step % eval_interval == 0 or step == max_iters):
-            metrics = evaluate()
+            metrics = {**evaluate(), **(evaluate(sampled=True) if eval_sampled and step == max_iters else {})}
             logger.log(step=step, **metrics)
             if master:
                 tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

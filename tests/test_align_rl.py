@@ -117,6 +117,9 @@ def test_runs_and_writes_a_stage_checkpoint(stage1):
     with open(root / "one" / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f]
     assert "eval_reward_action" in lines[0] and lines[0]["step"] == 0
+    for line in (lines[0], lines[-1]):  # a sampled held-out score at the start and the end (step 1)
+        assert 0 <= line["eval_sampled_reward_action"] <= 1 and line["eval_sampled_reward_format"] in (0.0, 0.5, 1.0)
+    assert lines[-1]["step"] == 1
     train = [m for m in lines if "reward" in m]
     assert len(train) == 1 and 0 <= train[0]["reward"] <= 1 and train[0]["zero_var_groups"] <= 4  # 4 groups of 2
     for name in ("config.json", "fast_tokenizer.json", "norm_stats.json", "run_config.json", "train_state.pt"):
