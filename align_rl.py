@@ -6,7 +6,7 @@ reward is r = (r_format + r_action) / 2 with r_action the prefix match of the ge
 demonstration's (data.prefix_match_reward); advantages are normalized within each group; the policy takes
 clipped-ratio steps. Written out here, no RL framework.
 
-    python align_rl.py                                    # embedded default: from out/sft, CPU, < 5 min
+    python align_rl.py                                    # embedded default: from out/sft, CPU, 3-7 min on 2 cores
     torchrun --nproc_per_node=8 align_rl.py config/align_rl_qwen2_5_vl_7b.py   # the paper's recipe
 
 Writes out_dir like sft.py (backbone in HF format, fast_tokenizer.json, norm_stats.json, run_config.json,
