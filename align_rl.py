@@ -246,11 +246,11 @@ def main():
         backbone.model.eval()
         sums = np.zeros(4)
         mine = eval_ids[rank::world_size]
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sampled else {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10_000 + rank)
             for k in range(0, len(mine), eval_batch_size):
                 samples = [val_set[i] for i in mine[k:k + eval_batch_size]]
-                kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sampled else {}
                 with autocast:
                     completions = backbone.generate(prompt_inputs(samples, 1), max_new_tokens=max_new_tokens, **kwargs)
                 r = rewards_of(completions, [fast_target(s, fast, norm_stats) for s in samples])

@@ -61,8 +61,8 @@ robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False  # rotate robot images by 180 degrees (official LIBERO files, see data.LiberoDataset)
 # mixture weights (PAPER.md "Stage 1": (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
-# the RL prompt answered with a thought (the data's per-step scene reasoning if it has any) and the action tokens. Stage 2 (align_rl.py) prompts with
-# REASONING_ACTION_PROMPT and rewards <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a
+# the RL prompt answered with a thought (the data's per-step scene reasoning if it has any) and the action
+# tokens. Stage 2 (align_rl.py) prompts with REASONING_ACTION_PROMPT and rewards <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a
 # format a 2M-parameter model never produces by chance; this small component gives it a non-zero start.
 # A 7B model follows the instruction zero-shot, so the paper's config sets it to 0.
 vqa_weight = 0.15
@@ -108,11 +108,11 @@ resume = False
 COMPONENTS = ("vqa", "reasoning", "action", "think_action")
 
 
-def think_action_text(sample, action, response=None, fallback=None):
-    """The think_action target: the dataset's per-step reasoning as the thought (the embedded default has it),
-    else the fallback template; then the action tokens. Defaults: think_action_response / _thought above."""
-    thought = sample.get("reasoning") or (fallback or think_action_thought).format(instruction=sample["instruction"])
-    return (response or think_action_response).format(thought=thought, action=action)
+def think_action_text(sample, action):
+    """The think_action target (think_action_response): the dataset's per-step reasoning as the thought (the
+    embedded default has it), else think_action_thought; then the action tokens."""
+    thought = sample.get("reasoning") or think_action_thought.format(instruction=sample["instruction"])
+    return think_action_response.format(thought=thought, action=action)
 
 
 def mixture_counts(weights, global_batch):
