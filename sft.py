@@ -62,8 +62,9 @@ robot_val = "{data_dir}/libero/val"
 flip_images = False  # rotate robot images by 180 degrees (official LIBERO files, see data.LiberoDataset)
 # mixture weights (PAPER.md "Stage 1": (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
 # the RL prompt answered with a thought (the data's per-step scene reasoning if it has any) and the action
-# tokens. Stage 2 (align_rl.py) prompts with REASONING_ACTION_PROMPT and rewards <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a
-# format a 2M-parameter model never produces by chance; this small component gives it a non-zero start.
+# tokens. Stage 2 (align_rl.py) prompts with REASONING_ACTION_PROMPT and rewards
+# <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a format a 2M-parameter model never
+# produces by chance; this small component gives it a non-zero start.
 # A 7B model follows the instruction zero-shot, so the paper's config sets it to 0.
 vqa_weight = 0.15
 reasoning_weight = 0.25
@@ -277,11 +278,10 @@ def main():
                     gradient_as_bucket_view=True)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     vision = {id(p) for name, p in backbone.model.model.visual.named_parameters() if not name.startswith("merger.")}
-    groups = [dict(params=[p for p in params if p.dim() >= 2 and (id(p) in vision) == v], weight_decay=weight_decay, lr_scale=scale)
-              for v, scale in ((False, 1.0), (True, vision_lr_scale))]
-    groups += [dict(params=[p for p in params if p.dim() < 2 and (id(p) in vision) == v], weight_decay=0.0, lr_scale=scale)
-               for v, scale in ((False, 1.0), (True, vision_lr_scale))]
-    groups = [g for g in groups if g["params"]]
+    groups = [dict(params=[p for p in params if (p.dim() >= 2) == decay and (id(p) in vision) == is_vision],
+                   weight_decay=weight_decay if decay else 0.0, lr_scale=vision_lr_scale if is_vision else 1.0)
+              for decay in (True, False) for is_vision in (False, True)]
+    groups = [g for g in groups if g["params"]]  # the vision groups are empty while the blocks are frozen
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device.type == "cuda")
     warmup_iters = math.ceil(warmup_frac * max_iters)
     step = 0
