@@ -73,6 +73,10 @@ beta = 0.0  # k3 KL to the frozen start; 0 = no reference model is loaded
 max_iters = 60  # rollout steps
 lr = 2e-5
 weight_decay = 0.0
+# PAPER.md trains all parameters in stage 2 (the paper's config sets False). The tiny backbone's vision blocks
+# are random and were frozen through SFT, so the rest of the model is fitted to their exact features: moving
+# them perturbs every input the policy reads (the merger, Qwen-VL's projector, still trains)
+freeze_vision = True
 grad_clip = 1.0
 eval_interval = 20
 eval_sampled = True  # also score one rollout-temperature sample per held-out prompt, at the start and the end
@@ -160,6 +164,9 @@ def main():
     # the same held-out prompts whatever the seed, so runs with different seeds are compared on one set
     eval_ids = np.sort(np.random.default_rng(1).permutation(len(val_set))[:num_eval_prompts]).tolist() if val_set else []
 
+    if freeze_vision:
+        for name, p in backbone.model.model.visual.named_parameters():
+            p.requires_grad_(name.startswith("merger."))
     model = backbone.model
     model.train()
     if ddp:

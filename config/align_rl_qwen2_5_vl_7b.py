@@ -20,6 +20,7 @@ temperature = 1.0
 top_p = 1.0
 max_new_tokens = 256
 lr = 1e-6
+freeze_vision = False  # PAPER.md: all parameters trained in stage 2
 beta = 0.0
 max_iters = 25
 eval_interval = 5
