@@ -430,6 +430,12 @@ class Backbone(nn.Module):
             json.dump({"fast_vocab_size": self.fast_vocab_size, "act_first_id": self.act_first_id,
                        "action_start_id": self.action_start_id, "action_end_id": self.action_end_id}, f, indent=1)
 
+    def freeze_vision_blocks(self):
+        """requires_grad off for the vision tower except its merger (Qwen-VL's projector into the LLM, which
+        trains): PAPER.md stage 1 keeps the vision encoder frozen."""
+        for name, p in self.model.model.visual.named_parameters():
+            p.requires_grad_(name.startswith("merger."))
+
     # ---- properties and token helpers ----
     @property
     def text_config(self):

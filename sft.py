@@ -266,9 +266,8 @@ def main():
                                      [e["response"] for e in examples])
 
     # ---- model, optimizer (PAPER.md "Stage 1": vision encoder frozen, everything else trained) ----
-    if freeze_vision:  # the vision blocks; the merger (Qwen-VL's projector into the LLM) still trains
-        for name, p in backbone.model.model.visual.named_parameters():
-            p.requires_grad_(name.startswith("merger."))
+    if freeze_vision:
+        backbone.freeze_vision_blocks()
     if gradient_checkpointing:
         backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone.model.train()
