@@ -1,7 +1,7 @@
 """Stage 1 of RoboAlign: supervised fine-tuning of the MLLM on a mixture of VQA, zero-shot reasoning and
 FAST action-token prediction (PAPER.md "Stage 1").
 
-    python sft.py                                          # the embedded default: tiny model, CPU, < 5 min
+    python sft.py                                          # the embedded default: tiny model, CPU, 4-8 min on 2 cores
     python sft.py --max_iters=100 --lr=1e-3                # any module-level key can be overridden
     torchrun --nproc_per_node=2 sft.py --max_iters=20      # DDP (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node=8 sft.py config/sft_qwen2_5_vl_7b_libero.py   # the paper's recipe

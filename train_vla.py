@@ -2,7 +2,7 @@
 the baselines) feeds the hidden states of one middle layer to a new flow-matching DiT action head, trained on
 robot demonstrations (PAPER.md "Stage 3", GR00T N1.5).
 
-    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU, < 5 min
+    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU, 4-7 min on 2 cores
     python train_vla.py --init_from=out/sft --out_dir=out/vla_sft    # the SFT-only baseline, same budget
     torchrun --nproc_per_node=8 train_vla.py config/vla_qwen2_5_vl_7b_libero.py
 
