@@ -104,6 +104,21 @@ def setup_distributed():
     return rank, local_rank, world_size, device
 
 
+def split_global_batch(batch_size: int, gradient_accumulation_steps: int, world_size: int) -> tuple:
+    """(micro-batch size, micro-batches per process) for a global batch of batch_size * gradient_accumulation_steps,
+    the same for every world size (nanoGPT convention). More processes than accumulation steps split each
+    micro-batch instead, so `torchrun --nproc_per_node=2 <stage>.py` runs with the single-process defaults."""
+    global_batch = batch_size * gradient_accumulation_steps
+    if gradient_accumulation_steps % world_size == 0:
+        return batch_size, gradient_accumulation_steps // world_size
+    if world_size % gradient_accumulation_steps == 0 and global_batch % world_size == 0:
+        return global_batch // world_size, 1
+    raise ValueError(f"batch_size={batch_size} x gradient_accumulation_steps={gradient_accumulation_steps} cannot be "
+                     f"split evenly over {world_size} processes: make gradient_accumulation_steps a multiple of the "
+                     f"number of processes, or the global batch ({global_batch}) divisible by it with fewer "
+                     f"accumulation steps than processes; the global batch must not depend on the world size")
+
+
 def global_batch_indices(step: int, num_samples: int, global_batch: int, seed: int) -> list:
     """Dataset indices of the global batch at `step`: a pure function of (step, seed).
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import data
 from data import (ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, ensure_synthetic_dataset,
                   fast_target, format_reward, global_batch_indices, open_robot_dataset, prefix_match_reward,
-                  recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed)
+                  recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed, split_global_batch)
 from model import Backbone, FastTokenizer
 
 # -----------------------------------------------------------------------------
@@ -82,7 +82,7 @@ fast_tokenizer_path = ""  # "" = fit on the training demonstrations' normalized 
 norm_stats_path = ""  # "" = q01/q99 of the training demonstrations
 fast_fit_max_chunks = 200_000  # fit FAST on a seeded subsample of at most this many chunks
 # optimization
-batch_size = 16  # micro-batch per process
+batch_size = 16  # micro-batch per process (split further when processes outnumber accumulation steps)
 gradient_accumulation_steps = 1  # over all processes (nanoGPT): global batch = batch_size * this
 max_iters = 1000
 lr = 2e-3
@@ -178,10 +178,7 @@ def main():
     rank, local_rank, world_size, device = setup_distributed()
     ddp, master = world_size > 1, rank == 0
     torch.manual_seed(seed)
-    if gradient_accumulation_steps % world_size:
-        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                         f"number of processes ({world_size}): the global batch must not depend on the world size")
-    accum_per_rank = gradient_accumulation_steps // world_size
+    micro_batch, accum_per_rank = split_global_batch(batch_size, gradient_accumulation_steps, world_size)
     global_batch = batch_size * gradient_accumulation_steps
     weights = [vqa_weight, reasoning_weight, action_weight, think_action_weight]
     counts = mixture_counts(weights, global_batch)  # an empty mixture fails here, before anything is loaded
@@ -409,7 +406,7 @@ def main():
             group["lr"] = step_lr * group["lr_scale"]
         per_rank = global_batch // world_size
         pairs = mixture_batch(step, sizes, counts, seed)[rank * per_rank:(rank + 1) * per_rank]
-        micro_batches = [build(pairs[k * batch_size:(k + 1) * batch_size], train_sets) for k in range(accum_per_rank)]
+        micro_batches = [build(pairs[k * micro_batch:(k + 1) * micro_batch], train_sets) for k in range(accum_per_rank)]
         # token-mean over the whole global batch: every process needs the global count of response tokens
         (global_tokens,) = all_sum(sum((b["labels"][:, 1:] != -100).sum().item() for b in micro_batches))
         total = 0.0

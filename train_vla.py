@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import data
 from data import (MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
-                  open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed)
+                  open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                  split_global_batch)
 from model import VLA, ActionHead, Backbone
 
 # -----------------------------------------------------------------------------
@@ -69,7 +70,7 @@ cache_shard_size = 1024  # samples per safetensors shard
 cache_in_memory = True  # load shards into RAM (False: memory-map them, for caches larger than RAM)
 cache_batch_size = 32
 # optimization
-batch_size = 32  # micro-batch per process
+batch_size = 32  # micro-batch per process (split further when processes outnumber accumulation steps)
 gradient_accumulation_steps = 1  # over all processes: global batch = batch_size * this
 max_iters = 1500
 lr = 1e-3
@@ -210,10 +211,7 @@ def main():
     rank, local_rank, world_size, device = setup_distributed()
     ddp, master = world_size > 1, rank == 0
     torch.manual_seed(seed)
-    if gradient_accumulation_steps % world_size:
-        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                         f"number of processes ({world_size})")
-    accum_per_rank = gradient_accumulation_steps // world_size
+    micro_batch, accum_per_rank = split_global_batch(batch_size, gradient_accumulation_steps, world_size)
     global_batch = batch_size * gradient_accumulation_steps
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -373,7 +371,7 @@ def main():
         indices = global_batch_indices(step, len(train_set), global_batch, seed)[rank * per_rank:(rank + 1) * per_rank]
         total = 0.0
         for k in range(accum_per_rank):
-            b = batch(indices[k * batch_size:(k + 1) * batch_size])
+            b = batch(indices[k * micro_batch:(k + 1) * micro_batch])
             # the flow noise and time of a micro-batch depend only on (seed, step, its place in the global batch),
             # so any world size and a resumed run draw the same ones
             micro = rank * accum_per_rank + k

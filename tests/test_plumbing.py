@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data import (MetricsLogger, configure, cosine_lr, global_batch_indices, recover_checkpoint,
-                  rng_state, save_checkpoint, set_rng_state)
+                  rng_state, save_checkpoint, set_rng_state, split_global_batch)
 
 
 def test_configure_overrides_files_and_types(tmp_path):
@@ -35,6 +35,18 @@ def test_global_batch_indices_epochs_and_determinism():
     assert global_batch_indices(0, n, b, seed=2) != batches[0]
     with pytest.raises(ValueError, match="empty"):
         global_batch_indices(0, 0, 4, seed=0)
+
+
+def test_split_global_batch_keeps_the_global_batch():
+    # (micro-batch, micro-batches per process); micro x steps x processes = batch_size x accumulation steps
+    assert split_global_batch(32, 1, 1) == (32, 1)
+    assert split_global_batch(32, 4, 2) == (32, 2)  # accumulate: 2 processes x 2 micro-batches of 32 = 128
+    assert split_global_batch(32, 1, 2) == (16, 1)  # the defaults under torchrun --nproc_per_node=2
+    assert split_global_batch(4, 2, 8) == (1, 1)  # 8 processes share a global batch of 8
+    with pytest.raises(ValueError, match=r"batch_size=32 x gradient_accumulation_steps=3 cannot be split evenly over 2 processes"):
+        split_global_batch(32, 3, 2)
+    with pytest.raises(ValueError, match=r"global batch \(6\)"):
+        split_global_batch(3, 2, 4)  # 6 samples over 4 processes
 
 
 def test_cosine_lr_hand_values():
