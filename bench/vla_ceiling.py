@@ -6,14 +6,15 @@ perception". Rows (held-out normalized action-chunk MSE, as train_vla.py's val_a
     MLP: state                 what the proprio state alone gives
     MLP: state + features      mean-pooled backbone features at the VLA's layer (what the head reads)
     MLP: state + pick/place    the true poses of the two named blocks (perfect perception, embedded data only)
-    head: pick/place tokens    the VLA's ActionHead fed those poses as its context tokens: one sample (4 Euler
+    head: state only           the VLA's ActionHead with a constant context token: what the state gives a flow head
+    head: pick/place tokens    the same head fed those poses as its context tokens. Head rows: one sample (4 Euler
                                steps, as train_vla evaluates), the mean of 8 samples, one Euler step (= its mean)
     head: features             train_vla's own final val_action_mse (from <vla>/metrics.jsonl)
 
-A flow head's one-sample error is about twice a regressor's (the sample's spread adds the conditional variance
-once more), so comparing rows says whether the backbone, the data or the head's sampling is the limit.
+A calibrated flow head's sample misses by twice the conditional variance of the action given its inputs, which
+a good regressor's error estimates; comparing rows says whether the backbone, the data or the sampling is the limit.
 
-    python bench/vla_ceiling.py                     # after python train_vla.py; ~6 min on 2 CPU cores
+    python bench/vla_ceiling.py                     # after python train_vla.py; ~9 min on 2 CPU cores
 """
 
 import argparse
@@ -122,15 +123,18 @@ def main():
     pp_tr, pp_va = pick_place_tokens(train_set, train_idx), pick_place_tokens(val_set, val_idx)
     rows.append(("MLP: state + pick/place poses", mlp_row(torch.cat([s_tr, pp_tr.flatten(1)], 1), torch.cat([s_va, pp_va.flatten(1)], 1),
                                                           y_tr, m_tr, y_va, m_va, cfg, args.seed)))
-    torch.manual_seed(args.seed)
-    head = ActionHead(**{**vla.head.config, "feature_dim": pp_tr.shape[-1]})
-    train(head, lambda i, g: head.loss(pp_tr[i], None, s_tr[i], y_tr[i], m_tr[i], generator=g), len(pp_tr), cfg, args.seed)
-    with torch.no_grad():
-        draw = lambda k, steps: head.sample(pp_va, None, s_va, num_steps=steps, generator=torch.Generator().manual_seed(args.seed + k))
-        samples = [draw(k, 4) for k in range(8)]
-        rows.append(("head: pick/place tokens, one sample", masked_mse(samples[0], y_va, m_va)))
-        rows.append(("head: pick/place tokens, mean of 8 samples", masked_mse(torch.stack(samples).mean(0), y_va, m_va)))
-        rows.append(("head: pick/place tokens, one Euler step", masked_mse(draw(0, 1), y_va, m_va)))
+    # the same head on a context that says nothing (one constant token): what the state alone gives a flow head
+    for name, c_tr, c_va in (("head: state only (constant context)", torch.ones(len(s_tr), 1, 8), torch.ones(len(s_va), 1, 8)),
+                             ("head: pick/place tokens", pp_tr, pp_va)):
+        torch.manual_seed(args.seed)
+        head = ActionHead(**{**vla.head.config, "feature_dim": c_tr.shape[-1]})
+        train(head, lambda i, g: head.loss(c_tr[i], None, s_tr[i], y_tr[i], m_tr[i], generator=g), len(c_tr), cfg, args.seed)
+        with torch.no_grad():
+            draw = lambda k, steps: head.sample(c_va, None, s_va, num_steps=steps, generator=torch.Generator().manual_seed(args.seed + k))
+            samples = [draw(k, 4) for k in range(8)]
+            rows.append((f"{name}, one sample", masked_mse(samples[0], y_va, m_va)))
+            rows.append((f"{name}, mean of 8 samples", masked_mse(torch.stack(samples).mean(0), y_va, m_va)))
+            rows.append((f"{name}, one Euler step", masked_mse(draw(0, 1), y_va, m_va)))
     metrics = os.path.join(args.vla, "metrics.jsonl")
     if os.path.isfile(metrics):
         with open(metrics) as f:
