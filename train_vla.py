@@ -2,16 +2,17 @@
 the baselines) feeds the hidden states of one middle layer to a new flow-matching DiT action head, trained on
 robot demonstrations (PAPER.md "Stage 3", GR00T N1.5).
 
-    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU, 4-7 min on 2 cores
+    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU, ~4 min on 2 cores
     python train_vla.py --init_from=out/sft --out_dir=out/vla_sft    # the SFT-only baseline, same budget
     torchrun --nproc_per_node=8 train_vla.py config/vla_qwen2_5_vl_7b_libero.py
 
 Because the backbone is frozen, its features are a pure function of (backbone weights, layer, prompt, images):
 with feature_cache=True they are computed once for every training sample (batched, no_grad) and stored in
 safetensors shards under cache_dir/<fingerprint>/, and the head trains from them. Without image augmentation
-the gradients are the same as computing the features every step, only much cheaper. The fingerprint hashes
-the backbone's weights, the layer, the prompt template, the image settings and the dataset files, so a cache
-built from another backbone or layer is never reused.
+the gradients are the same as computing the features every step, only much cheaper (embedded default, 2 cores:
+the first 20 losses agree to every printed digit; 58 vs 290 ms per step, after ~2.3 min building the cache).
+The fingerprint hashes the backbone's weights, the layer, the prompt template, the image settings and the
+dataset files, so a cache built from another backbone or layer is never reused.
 
 Writes out_dir: a VLA checkpoint (vla.json, action_head.safetensors, norm_stats.json; see model.VLA) that
 eval_libero.py / eval_calvin.py load, plus run_config.json, train_state.pt (--resume) and metrics.jsonl
@@ -55,9 +56,9 @@ robot_val = "{data_dir}/libero/val"
 flip_images = False  # official LIBERO hdf5 files: True (see data.LiberoDataset)
 action_horizon = 16  # PAPER.md: horizon 16
 action_dim = 7
-# action head (GR00T N1.5 shape, scaled down for CPU)
-head_width = 128
-head_depth = 4
+# action head (GR00T N1.5 shape, scaled down for CPU: width 128 x depth 4 did no better, 0.165 vs 0.160, 3x slower)
+head_width = 64
+head_depth = 2
 head_heads = 4
 num_future_tokens = 8
 num_vl_self_attn_layers = 1
