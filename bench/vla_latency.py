@@ -1,7 +1,8 @@
 """predict_action latency: backbone prefix (truncated at the VLA layer) once + K Euler steps of the head,
 vs the backbone forward alone, for K in {1, 4, 10}. Prints one table, writes out/bench/vla_latency.json.
 
-    python bench/vla_latency.py                       # tiny backbone (the embedded default)
+    python bench/vla_latency.py                       # Backbone.tiny + ActionHead's class defaults (not the
+                                                      # embedded default's sizes: for those, --checkpoint=out/vla)
     python bench/vla_latency.py --config=100m         # a ~100M-parameter Qwen2.5-VL-shaped config
     python bench/vla_latency.py --checkpoint=out/vla  # a trained VLA
 """
