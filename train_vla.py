@@ -78,6 +78,7 @@ lr = 1e-3
 min_lr = 1e-4
 warmup_frac = 0.05
 weight_decay = 1e-5  # GR00T's fine-tuning value
+betas = (0.9, 0.95)  # AdamW; GR00T fine-tunes with (0.95, 0.999): 0.158 vs 0.160 here, same within noise
 grad_clip = 1.0
 ema_decay = 0.0  # > 0: evaluate and save an exponential moving average of the head weights
 # evaluation and logging
@@ -251,7 +252,7 @@ def main():
     params = [p for p in head.parameters()]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type == "cuda")
     step = 0
     if resume:
         train_state = torch.load(state_path, map_location="cpu", weights_only=False)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import COLORS, TABLE, LiberoDataset, NormStats, chunk_at, cosine_lr  # noqa: E402
+from data import COLORS, TABLE, LiberoDataset, NormStats, chunk_at, cosine_lr, global_batch_indices  # noqa: E402
 from knn_probe import pooled_features  # noqa: E402
 from model import VLA, ActionHead  # noqa: E402
 
@@ -68,14 +68,18 @@ def masked_mse(pred, target, mask):
 
 
 def train(model, loss_fn, n, cfg, seed):
-    """train_vla.py's loop without its plumbing: AdamW, warmup + cosine, grad clip, fixed batch size."""
+    """train_vla.py's loop without its plumbing: AdamW with its betas and no decay on biases / norms, warmup +
+    cosine, grad clip, epoch-wise batches (data.global_batch_indices)."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
+    params = list(model.parameters())
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.95))))  # as train_vla.py
     warmup = int(np.ceil(cfg["warmup_frac"] * cfg["max_iters"]))
     for step in range(cfg["max_iters"]):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg["max_iters"], cfg["lr"], warmup, cfg["min_lr"])
-        loss = loss_fn(torch.randint(n, (cfg["batch_size"],), generator=g), g)
+        loss = loss_fn(torch.tensor(global_batch_indices(step, n, cfg["batch_size"], seed)), g)  # epochs, as train_vla
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -29,6 +29,7 @@ max_iters = 60_000
 lr = 1e-4
 min_lr = 1e-5
 warmup_frac = 0.05
+betas = (0.95, 0.999)  # GR00T N1.5's fine-tuning AdamW
 ema_decay = 0.999
 eval_interval = 5000
 save_interval = 5000
