@@ -74,7 +74,8 @@ def train(model, loss_fn, n, cfg, seed):
     params = list(model.parameters())
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.95))))  # as train_vla.py
+    # run_configs from before train_vla had a `betas` key: the (0.9, 0.95) it then hard-coded
+    opt = torch.optim.AdamW(groups, cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.95))))
     warmup = int(np.ceil(cfg["warmup_frac"] * cfg["max_iters"]))
     for step in range(cfg["max_iters"]):
         for group in opt.param_groups:
