@@ -1265,6 +1265,9 @@ TABLE, BLOCK, STEP = 0.25, 0.05, 0.03   # table half-size, block size, max displ
 HOVER, GRASP_Z, PLACE_Z = 0.12, 0.02, 0.06
 AGENT_SPAN, WRIST_SPAN = 0.30, 0.12      # half-width of the area each camera sees
 HOME_JITTER = 0.02                        # start within +-2 cm of the table centre
+SCENE_JITTER, YAW_JITTER = 0.01, 0.1      # blocks within +-1 cm / +-0.1 rad of their task's scene (LIBERO's init
+                                          # regions are ~2 cm boxes)
+FINGER_OPEN = 0.04                        # finger joint position when open; it closes or opens over 3 steps
 
 
 def _render(blocks, held, gripper, center, span, size):
@@ -1311,14 +1314,20 @@ def _move_words(dx, dy, tol=0.015):
     return " and ".join(words)
 
 
-def _synthetic_episode(rng, task, noise=0.01):
-    """One scripted demonstration: dict of arrays in the LIBERO layout plus per-step phase notes."""
-    pick, place = task
-    while True:  # four blocks at least 0.1 m apart, away from the table edge
+def _task_scene(rng):
+    """A task's fixed scene: four blocks at least 0.1 m apart, away from the table edge (x, y, yaw each)."""
+    while True:
         pos = rng.uniform(-TABLE + 0.04, TABLE - 0.04, size=(4, 2))
         if min(np.hypot(*(pos[i] - pos[j])) for i in range(4) for j in range(i)) > 0.1:
-            break
-    blocks = {name: (pos[i, 0], pos[i, 1], rng.uniform(-math.pi / 4, math.pi / 4)) for i, name in enumerate(COLORS)}
+            return {name: (pos[i, 0], pos[i, 1], rng.uniform(-math.pi / 4, math.pi / 4)) for i, name in enumerate(COLORS)}
+
+
+def _synthetic_episode(rng, task, scene, noise=0.01):
+    """One scripted demonstration: dict of arrays in the LIBERO layout plus per-step phase notes."""
+    pick, place = task
+    # like a LIBERO task, each task has one scene and every episode places the blocks within a small region of it
+    blocks = {name: (x + rng.uniform(-SCENE_JITTER, SCENE_JITTER), y + rng.uniform(-SCENE_JITTER, SCENE_JITTER),
+                     yaw + rng.uniform(-YAW_JITTER, YAW_JITTER)) for name, (x, y, yaw) in scene.items()}
     # the arm starts near a home pose above the table centre, as LIBERO's init states do: a random start would
     # add two input dimensions the head must generalize over from a few hundred demonstrations
     g = np.array([*rng.uniform(-HOME_JITTER, HOME_JITTER, 2), HOVER + rng.uniform(0, 0.04), 0.0, -1.0])  # x, y, z, yaw, grip
@@ -1328,7 +1337,7 @@ def _synthetic_episode(rng, task, noise=0.01):
             ((ax, ay, HOVER), ayaw, 1, "lift"), ((bx, by, HOVER), ayaw, 1, "carry"), ((bx, by, PLACE_Z), ayaw, 1, "lower"),
             (None, ayaw, -1, "release"), ((bx, by, HOVER), ayaw, -1, "retreat")]
     frames, prev = [], np.zeros(6)
-    held = None
+    held, finger = None, FINGER_OPEN
     for target, yaw, grip, phase in plan:
         for k in range(40):
             if target is None:  # close or open in place over 3 steps
@@ -1343,11 +1352,12 @@ def _synthetic_episode(rng, task, noise=0.01):
             cmd = 0.5 * prev + 0.5 * cmd  # smooth like a human teleoperator's velocity commands
             jitter = rng.normal(0, noise, 6) * np.array([1, 1, 1, 0, 0, 1]) * (target is not None)  # rx, ry stay 0
             action = np.concatenate([cmd + jitter, [grip]])
-            frames.append(dict(g=g.copy(), held=held, action=action, phase=phase))
+            frames.append(dict(g=g.copy(), held=held, finger=finger, action=action, phase=phase))
             prev = cmd
             g[:3] += cmd[:3] * STEP
             g[3] += cmd[5] * 0.15
             g[4] = grip
+            finger = float(np.clip(finger - grip * FINGER_OPEN / 3, 0.0, FINGER_OPEN))
             if phase == "grasp" and k == 2:
                 held = pick
             if phase == "release" and k == 2:
@@ -1360,7 +1370,7 @@ def _write_episode(group, blocks, frames, image_size, task):
     agent = np.stack([_render(blocks, f["held"], f["g"], (0.0, 0.0), AGENT_SPAN, image_size) for f in frames])
     wrist = np.stack([_render(blocks, f["held"], f["g"], f["g"][:2], WRIST_SPAN, image_size) for f in frames])
     gs = np.stack([f["g"] for f in frames])
-    finger = np.where(gs[:, 4:5] > 0, 0.0, 0.04)
+    finger = np.array([[f["finger"]] for f in frames])  # gripper_states are finger joint positions, as LIBERO's
     ee_states = np.concatenate([gs[:, :3], np.zeros((T, 2)), gs[:, 3:4]], axis=1)  # pos + axis-angle (yaw only)
     obs = group.create_group("obs")
     chunked = dict(chunks=(1, image_size, image_size, 3), compression="gzip", compression_opts=1)
@@ -1410,7 +1420,7 @@ def _vqa(rng, blocks, frame):
             ("Is the gripper open or closed?", "Closed." if g[4] > 0 else "Open.")][rng.integers(3)]
 
 
-SYNTHETIC_VERSION = 3  # 2: home start pose; 3: per-step reasoning in the hdf5 files
+SYNTHETIC_VERSION = 4  # 2: home start pose; 3: per-step reasoning in the hdf5 files; 4: a scene per task, gradual fingers
 
 
 def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_task=4, image_size=56,
@@ -1442,6 +1452,7 @@ def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_tas
             instruction = f"put the {task[0]} block on the {task[1]} block"
             name = instruction.replace(" ", "_")
             rng = np.random.default_rng([seed, task_index, split == "val"])
+            scene = _task_scene(np.random.default_rng([seed, task_index, 2]))  # shared by train and val
             with h5py.File(os.path.join(tmp, "libero", split, f"{name}_demo.hdf5"), "w") as f:
                 data = f.create_group("data")
                 data.attrs["problem_info"] = json.dumps(dict(problem_name="synthetic_blocks", domain_name="roboalign_synthetic",
@@ -1450,7 +1461,7 @@ def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_tas
                 data.attrs["bddl_file_name"] = ""
                 total = 0
                 for d in range(n_demos):
-                    blocks, frames = _synthetic_episode(rng, task)
+                    blocks, frames = _synthetic_episode(rng, task, scene)
                     agent, wrist = _write_episode(data.create_group(f"demo_{d}"), blocks, frames, image_size, task)
                     total += len(frames)
                     for q in range(qa_per_demo):  # conversations about random frames of this demo

@@ -12,12 +12,16 @@ perception". Rows (held-out normalized action-chunk MSE, as train_vla.py's val_a
     head: pick/place tokens    the same head fed those poses as its context tokens. Head rows: one sample (4 Euler
                                steps, as train_vla evaluates), the mean of 8 samples, one Euler step (= its mean)
     head: features             train_vla's own final val_action_mse (from <vla>/metrics.jsonl)
+    regressor: GR00T blocks / no self-attention
+                               the head's network trained as a plain regressor (noisy actions 0, t = 0, target the
+                               chunk) on the pick/place tokens, with GR00T's alternating cross / self-attention
+                               blocks and with cross-attention only: is it the architecture that needs the samples?
 
 A calibrated flow head's sample misses by twice the conditional variance of the action given its inputs, which
 a good regressor's error estimates; comparing rows says whether the backbone, the data or the sampling is the limit.
 One sample reaches a third of the floor only if its inputs explain more than 5/6 of the chunk's variance.
 
-    python bench/vla_ceiling.py                     # after python train_vla.py; ~7 min on 2 CPU cores
+    python bench/vla_ceiling.py                     # after python train_vla.py; ~8 min on 2 CPU cores
 """
 
 import argparse
@@ -93,6 +97,10 @@ def masked_mse(pred, target, mask):
     return float((((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum())
 
 
+def masked_mse_loss(pred, target, mask):
+    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
 def train(model, loss_fn, n, cfg, seed):
     """train_vla.py's loop without its plumbing: AdamW with its betas and no decay on biases / norms, warmup +
     cosine, grad clip, epoch-wise batches (data.global_batch_indices)."""
@@ -120,7 +128,7 @@ def mlp_row(x_train, x_val, y_train, m_train, y_val, m_val, cfg, seed):
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 512),
                               torch.nn.GELU(), torch.nn.Linear(512, y_train[0].numel()))
-    loss = lambda i, g: (((net(x_train[i]).view_as(y_train[i]) - y_train[i]) ** 2).mean(-1) * m_train[i]).sum() / m_train[i].sum()
+    loss = lambda i, g: masked_mse_loss(net(x_train[i]).view_as(y_train[i]), y_train[i], m_train[i])
     train(net, loss, len(x_train), cfg, seed)
     with torch.no_grad():
         return masked_mse(net(x_val).view_as(y_val), y_val, m_val)
@@ -169,6 +177,14 @@ def main():
             rows.append((f"{name}, one sample", masked_mse(samples[0], y_va, m_va)))
             rows.append((f"{name}, mean of 8 samples", masked_mse(torch.stack(samples).mean(0), y_va, m_va)))
             rows.append((f"{name}, one Euler step", masked_mse(draw(0, 1), y_va, m_va)))
+    for name, blocks in (("GR00T blocks", dict(self_attention=True, num_future_tokens=8)),
+                         ("no self-attention", dict(self_attention=False, num_future_tokens=0))):
+        torch.manual_seed(args.seed)
+        head = ActionHead(**{**vla.head.config, "feature_dim": pp_tr.shape[-1], **blocks})
+        regress = lambda c, s, m: head(c, None, s, torch.zeros(len(s), horizon, head.action_dim), torch.zeros(len(s)), m)
+        train(head, lambda i, g: masked_mse_loss(regress(pp_tr[i], s_tr[i], m_tr[i]), y_tr[i], m_tr[i]), len(s_tr), cfg, args.seed)
+        with torch.no_grad():
+            rows.append((f"regressor: {name}, pick/place tokens", masked_mse(regress(pp_va, s_va, m_va), y_va, m_va)))
     metrics = os.path.join(args.vla, "metrics.jsonl")
     if os.path.isfile(metrics):
         with open(metrics) as f:
@@ -178,9 +194,9 @@ def main():
     floor = rows[0][1]
     print(f"held-out normalized action-chunk MSE, budget {cfg['max_iters']} steps x batch {cfg['batch_size']} "
           f"({len(train_idx)} train frames, {len(val_idx)} held-out frames)")
-    print(f"{'predictor':<58}{'MSE':>8}{'/ floor':>9}")
+    print(f"{'predictor':<62}{'MSE':>8}{'/ floor':>9}")
     for name, mse in rows:
-        print(f"{name:<58}{mse:>8.4f}{mse / floor:>9.2f}")
+        print(f"{name:<62}{mse:>8.4f}{mse / floor:>9.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(rows=[dict(predictor=n, mse=m) for n, m in rows], config=vars(args)), f, indent=1)

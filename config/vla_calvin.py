@@ -12,6 +12,7 @@ action_horizon = 16
 head_width = 512
 head_depth = 16
 head_heads = 8
+head_self_attention = True  # GR00T N1.5's alternating cross / self-attention DiT
 num_future_tokens = 32
 num_vl_self_attn_layers = 4
 feature_cache = True

@@ -16,6 +16,7 @@ action_horizon = 16
 head_width = 512
 head_depth = 16
 head_heads = 8
+head_self_attention = True  # GR00T N1.5's alternating cross / self-attention DiT
 num_future_tokens = 32
 num_vl_self_attn_layers = 4
 # the frozen backbone's layer-18 features, cached once (bf16: ~2 GB per 1K frames at 600 tokens x 3584)

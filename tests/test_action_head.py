@@ -32,8 +32,12 @@ def make_batch(B=3, L=5, seed=0):
     return feats, fmask, state, actions, amask
 
 
-def test_shapes_dtypes_and_config_rebuild():
-    head = make_head()
+NO_SELF_ATTENTION = dict(self_attention=False, num_future_tokens=0)  # train_vla's tiny default
+
+
+@pytest.mark.parametrize("kw", [{}, NO_SELF_ATTENTION], ids=["gr00t", "no_self_attention"])
+def test_shapes_dtypes_and_config_rebuild(kw):
+    head = make_head(**kw)
     feats, fmask, state, actions, amask = make_batch()
     v = head(feats, fmask, state, actions, torch.tensor([0.0, 0.5, 0.9]))
     assert v.shape == (3, H, D) and v.dtype == torch.float32
@@ -52,7 +56,7 @@ def test_shapes_dtypes_and_config_rebuild():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         l_bf16 = head.loss(feats, fmask, state, actions, amask)
     assert torch.isfinite(l_bf16) and l_bf16.dtype == torch.float32
-    head_bf16 = make_head().to(torch.bfloat16)
+    head_bf16 = make_head(**kw).to(torch.bfloat16)
     out_bf16 = head_bf16.sample(feats.bfloat16(), fmask, state, generator=torch.Generator().manual_seed(0))
     assert out_bf16.shape == (3, H, D) and torch.isfinite(out_bf16).all()
 
@@ -72,6 +76,24 @@ def test_input_errors_are_clear():
         head.loss(feats, torch.zeros_like(fmask), state, actions, amask)
     with pytest.raises(ValueError, match="divisible"):
         ActionHead(F_DIM, width=30, heads=4)
+    with pytest.raises(ValueError, match="num_future_tokens=4 needs self_attention=True"):
+        make_head(self_attention=False)
+
+
+def test_without_self_attention_each_step_sees_only_its_own_noisy_action():
+    """self_attention=False: no action token attends to another, so changing step k's noisy action changes the
+    velocity at step k only; the state still reaches every step. With GR00T's blocks every step changes."""
+    feats, fmask, state, actions, amask = make_batch()
+    t = torch.tensor([0.2, 0.5, 0.8])
+    x2 = actions.clone()
+    x2[:, 3] += 1.0
+    for kw, only_step_3 in ((NO_SELF_ATTENTION, True), ({}, False)):
+        head = make_head(**kw)
+        with torch.no_grad():
+            changed = (head(feats, fmask, state, x2, t) - head(feats, fmask, state, actions, t)).abs().amax(dim=(0, 2)) > 1e-6
+            state_changed = (head(feats, fmask, state + 1.0, actions, t) - head(feats, fmask, state, actions, t)).abs().amax(dim=(0, 2)) > 1e-6
+        assert changed.tolist() == ([h == 3 for h in range(H)] if only_step_3 else [True] * H), kw
+        assert state_changed.all(), kw
 
 
 def test_loss_equals_hand_computation_for_fixed_noise_and_t():
@@ -95,8 +117,9 @@ def test_loss_equals_hand_computation_for_fixed_noise_and_t():
     assert abs(wrong - hand) > 1e-3
 
 
-def test_masked_steps_and_padded_features_do_not_change_the_loss():
-    head = make_head()
+@pytest.mark.parametrize("kw", [{}, NO_SELF_ATTENTION], ids=["gr00t", "no_self_attention"])
+def test_masked_steps_and_padded_features_do_not_change_the_loss(kw):
+    head = make_head(**kw)
     feats, fmask, state, actions, amask = make_batch()
     noise = torch.randn(actions.shape, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([0.3, 0.6, 0.2])

@@ -84,22 +84,34 @@ def test_synthetic_dataset_layout_and_determinism(synth, tmp_path):
         assert not np.array_equal(f["data/demo_0/actions"][:5], actions[:5])
 
 
-def test_synthetic_actions_depend_on_the_image(synth):
-    """Same instruction, different scenes: the first moves point to where the named block is, which only the
-    image shows. So the first action's direction varies across demos and agrees with the block's position."""
+def test_synthetic_scenes_are_per_task_and_actions_point_to_the_named_block(synth):
+    """Like a LIBERO task, each task has one scene and its demos place every block within +-SCENE_JITTER of it;
+    tasks differ in scene. The first moves point to where the named block is, so their direction differs
+    across tasks and agrees with the block's position. The fingers close and open gradually (LIBERO's qpos)."""
     ds = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=4)
-    cosines, directions = [], []
+    cosines, directions, scenes = [], [], {}
     for ep in ds.episodes:
         with h5py.File(ep["file"], "r") as f:
             scene = f["data"][ep["demo"]]["states"][0]  # blocks (x, y, yaw) in COLORS order, then the gripper
+            fingers = f["data"][ep["demo"]]["obs/gripper_states"][:, 0]
+        scenes.setdefault(ep["instruction"], []).append(scene[:12].reshape(4, 3))
         pick = ep["instruction"].split()[2]
         bx, by = scene[3 * list(data.COLORS).index(pick): 3 * list(data.COLORS).index(pick) + 2]
         to_block = np.array([bx, by]) - ep["states"][0, :2]
         move = ep["actions"][:5, :2].sum(0)
         cosines.append(move @ to_block / (np.linalg.norm(move) * np.linalg.norm(to_block) + 1e-9))
         directions.append(move / (np.linalg.norm(move) + 1e-9))
+        assert fingers.min() == 0.0 and fingers.max() == data.FINGER_OPEN
+        assert np.isclose(fingers, data.FINGER_OPEN / 3).any() and np.isclose(fingers, 2 * data.FINGER_OPEN / 3).any()
     assert np.mean(cosines) > 0.9
-    assert np.linalg.norm(np.mean(directions, axis=0)) < 0.7  # no single direction works for every scene
+    assert np.linalg.norm(np.mean(directions, axis=0)) < 0.7  # no single direction works for every task
+    assert len(scenes) == len(data.SYNTH_TASKS) and all(len(v) == 3 for v in scenes.values())
+    for demos in scenes.values():
+        spread = np.ptp(np.stack(demos), axis=0)  # [4 blocks, (x, y, yaw)]: across the task's 3 demos
+        assert spread[:, :2].max() <= 2 * data.SCENE_JITTER and spread[:, 2].max() <= 2 * data.YAW_JITTER
+        assert spread[:, :2].max() > 0  # jittered, not copied
+    first, second = (np.mean(v, axis=0) for v in list(scenes.values())[:2])
+    assert np.abs(first[:, :2] - second[:, :2]).max() > 0.05  # another task, another scene
     # and the gripper ends above the place block
     last = ds.episodes[0]
     place = last["instruction"].split()[-2]

@@ -15,7 +15,7 @@ from data import make_synthetic_dataset
 from model import VLA, Backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--head_width=32", "--head_depth=2", "--head_heads=2", "--num_future_tokens=2", "--batch_size=4",
+SMALL = ["--head_width=32", "--head_depth=2", "--head_heads=2", "--batch_size=4",
          "--eval_samples=8", "--log_interval=1", "--eval_interval=0", "--cache_batch_size=16", "--action_horizon=4"]
 
 
