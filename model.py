@@ -797,17 +797,15 @@ class ActionHead(nn.Module):
         a = self.action_w1(noisy_actions.to(dtype))
         a = self.action_w3(F.silu(self.action_w2(torch.cat([a, t_enc], dim=-1))))
         a = a + self.action_pos(torch.arange(H, device=a.device))
-        token_mask = None
         if not self.self_attention:  # no token sees another: each action token gets the state directly
-            x = a + state_token.to(a.dtype)
+            x, token_mask = a + state_token.to(a.dtype), None
         else:
             future = self.future_tokens.to(a.dtype)[None].expand(B, -1, -1)
             x = torch.cat([state_token.to(a.dtype), future, a], dim=1)
-        # padded action steps are hidden from the self-attention (key mask), so neither their value nor
-        # their noise can leak into the loss of the valid steps (GR00T only masks the loss)
-        if action_mask is not None and self.self_attention:
-            token_mask = torch.cat([torch.ones(B, x.shape[1] - H, dtype=torch.bool, device=x.device),
-                                    action_mask.bool()], dim=1)
+            # padded action steps are hidden from the self-attention (key mask), so neither their value nor
+            # their noise can leak into the loss of the valid steps (GR00T only masks the loss)
+            token_mask = None if action_mask is None else torch.cat(
+                [torch.ones(B, x.shape[1] - H, dtype=torch.bool, device=x.device), action_mask.bool()], dim=1)
         for block in self.blocks:
             # unlike GR00T (which leaves encoder_attention_mask out), padded VL tokens are masked here
             x = block(x, temb, vl, vl_mask, token_mask)

@@ -93,12 +93,12 @@ def layer_inputs(vla, dataset, indices, batch_size=32):
     return torch.cat(pooled).cpu(), torch.cat(tokens).cpu(), torch.cat(pixels)
 
 
-def masked_mse(pred, target, mask):
-    return float((((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum())
-
-
 def masked_mse_loss(pred, target, mask):
     return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+def masked_mse(pred, target, mask):
+    return float(masked_mse_loss(pred, target, mask))
 
 
 def train(model, loss_fn, n, cfg, seed):
