@@ -3,6 +3,8 @@ DiT action head and the VLA that joins them. Read top to bottom; each section st
 
     FastTokenizer   action chunk [H, D] <-> FAST ids (DCT + BPE)             PAPER.md "Stage 0"
     Backbone        Qwen2.5-VL / Qwen3-VL + <ACTION_START> <act_i> <ACTION_END>  PAPER.md "Stage 0-2"
+    token_logprobs  log-probs of chosen tokens, LM head in chunks (never [B, L, vocab])
+    fsdp_shard      FSDP2 (torch's fully_shard) for a Backbone, plus full state dicts for saving / resuming
     ActionHead      GR00T N1.5 style flow-matching DiT                        PAPER.md "Stage 3"
     VLA             frozen backbone layer features -> ActionHead              PAPER.md "Stage 3"
 """
@@ -10,12 +12,18 @@ DiT action head and the VLA that joins them. Read top to bottom; each section st
 import json
 import math
 import os
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -300,11 +308,11 @@ def _chat_template(name_or_path, tokenizer):
     return QWEN_CHAT_TEMPLATE
 
 
-def _save_hf(model, processor, out_dir):
+def _save_hf(model, processor, out_dir, state_dict=None):
     """config.json, generation_config.json, model.safetensors, tokenizer files (with the chat template) and
     preprocessor_config.json: what AutoConfig / AutoTokenizer / AutoImageProcessor read back."""
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(out_dir)
     processor.image_processor.save_pretrained(out_dir)
@@ -424,8 +432,9 @@ class Backbone(nn.Module):
             raise ValueError(f"action token mapping (first id {self.act_first_id}, V={self.fast_vocab_size}) "
                              "does not match the tokenizer")
 
-    def save_pretrained(self, out_dir):
-        _save_hf(self.model, self.processor, out_dir)
+    def save_pretrained(self, out_dir, state_dict=None):
+        """A plain HF checkpoint (+ our action-token mapping). Under FSDP pass state_dict=full_state_dict(...)."""
+        _save_hf(self.model, self.processor, out_dir, state_dict)
         with open(os.path.join(out_dir, BACKBONE_JSON), "w") as f:
             json.dump({"fast_vocab_size": self.fast_vocab_size, "act_first_id": self.act_first_id,
                        "action_start_id": self.action_start_id, "action_end_id": self.action_end_id}, f, indent=1)
@@ -529,32 +538,126 @@ class Backbone(nn.Module):
             out["image_grid_thw"] = torch.as_tensor(np.asarray(enc["image_grid_thw"]), dtype=torch.long)
         return out
 
-    def _model_inputs(self, inputs):
+    def _model_inputs(self, inputs, image_repeat=1):
+        """The HF model's keyword arguments. image_repeat=G: the text rows are prompts x G (each prompt's rows
+        consecutive) while the images are given once per prompt; each image is encoded once and its features
+        repeated for the prompt's G rows (a GRPO group shares its prompt)."""
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
         out = {k: inputs[k].to(self.device) for k in keys if inputs.get(k) is not None}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        if image_repeat > 1 and "pixel_values" in out:
+            per_prompt = (out["input_ids"][::image_repeat] == self.model.config.vision_start_token_id).sum(1).tolist()
+            assert len(per_prompt) * image_repeat == len(out["input_ids"]) and sum(per_prompt) == len(out["image_grid_thw"])
+            features = self.model.model.get_image_features(out.pop("pixel_values"), out["image_grid_thw"], return_dict=True)
+            starts = np.cumsum([0] + per_prompt)
+            repeat = lambda per_image: tuple(x for a, b in zip(starts[:-1], starts[1:]) for _ in range(image_repeat)
+                                             for x in per_image[a:b])
+            features.pooler_output = repeat(features.pooler_output)
+            if getattr(features, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
+                features.deepstack_features = [repeat(layer) for layer in features.deepstack_features]
+            out["mm_encoder_outputs"] = {"image": features}
+            grid = out["image_grid_thw"]
+            out["image_grid_thw"] = torch.cat([grid[a:b] for a, b in zip(starts[:-1], starts[1:]) for _ in range(image_repeat)])
         return out
 
     # ---- model calls ----
-    def forward(self, **inputs):
-        return self.model(**inputs)
+    def forward(self, inputs, targets, temperature=1.0, suppress_image_tokens=False, with_entropy=False, chunk_tokens=1024,
+                image_repeat=1):
+        """Log-probs of `targets` [B, L] (the token each input position predicts; -100 = not scored) under
+        softmax(logits / temperature): float32 [B, L], 0 where not scored; with_entropy also the per-position
+        entropy [B, L] (detached), else None. The LM head runs only at scored positions, in chunks
+        (token_logprobs). suppress_image_tokens scores the distribution generate() samples from, which never
+        emits image / vision ids. image_repeat: see _model_inputs. This is the module's forward so that DDP's and
+        FSDP's hooks run around it."""
+        model_inputs = self._model_inputs(inputs, image_repeat)
+        hidden = self.model.model(**model_inputs, use_cache=False).last_hidden_state
+        targets = targets.to(hidden.device)
+        scored = targets != -100
+        logp, entropy = token_logprobs(hidden[scored], self.model.lm_head, targets[scored], temperature,
+                                       self.image_token_ids if suppress_image_tokens else (), chunk_tokens, with_entropy)
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, logp)
+        if with_entropy:
+            entropy = torch.zeros_like(out).masked_scatter(scored, entropy)
+        return out, entropy
+
+    @contextmanager
+    def gathered(self):
+        """Under FSDP, every parameter unsharded once for the whole block (e.g. a rollout's generate calls, or
+        feature extraction) instead of an all-gather per layer per decoded token; a no-op otherwise. Reentrant."""
+        units = [m for m in self.modules() if isinstance(m, FSDPModule)]
+        if not units or getattr(self, "_gathered", False):
+            yield
+            return
+        self._gathered = True
+        for m in units:
+            if m is not self:  # the root is never resharded after forward (FSDP2's own rule); the layers, not now
+                m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                if m is not self:
+                    m.set_reshard_after_forward(True, recurse=False)
+            self._gathered = False
 
     @torch.no_grad()
     def generate(self, inputs, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
         """Completion ids only [B, new], right-padded with pad_id after <|im_end|>. All sampling settings are
         explicit (top_k off, no repetition penalty) so a checkpoint's generation_config cannot change them;
-        image / video / vision-start / vision-end ids are suppressed (DESIGN pitfall)."""
-        model_inputs = self._model_inputs(inputs)
-        if (model_inputs["attention_mask"][:, -1] == 0).any():
-            raise ValueError("generate needs left-padded inputs: build_inputs(..., responses=None)")
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}  # top_k=0: off
-        out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                  repetition_penalty=1.0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                                  suppress_tokens=self.image_token_ids, use_cache=True, **sampling)
+        image / video / vision-start / vision-end ids are suppressed (DESIGN pitfall). Generation stops when
+        every sequence has emitted <|im_end|>."""
+        with self.gathered():
+            model_inputs = self._model_inputs(inputs)
+            if (model_inputs["attention_mask"][:, -1] == 0).any():
+                raise ValueError("generate needs left-padded inputs: build_inputs(..., responses=None)")
+            sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}  # top_k=0: off
+            out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      repetition_penalty=1.0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                      suppress_tokens=self.image_token_ids, use_cache=True, **sampling)
         completion = out[:, model_inputs["input_ids"].shape[1]:]
         after_eos = (completion == self.eos_id).long().cumsum(1) - (completion == self.eos_id).long() > 0
         return completion.masked_fill(after_eos, self.pad_id)
+
+    @torch.no_grad()
+    def sample(self, inputs, group_size=1, max_new_tokens=64, temperature=1.0, top_p=1.0):
+        """group_size sampled completions per (left-padded) prompt: [P * G, new] ids, each prompt's G rows
+        consecutive, right-padded with pad_id after <|im_end|>; the same distribution as generate(do_sample=True)
+        (temperature, then top-p, image ids suppressed). Each prompt and its images are encoded once and the
+        prompt's KV cache is repeated G times (the prefix sharing of vLLM / SGLang, which EasyR1 samples with);
+        decoding stops when every row has emitted <|im_end|>."""
+        with self.gathered():
+            model_inputs = self._model_inputs(inputs)
+            if (model_inputs["attention_mask"][:, -1] == 0).any():
+                raise ValueError("sample needs left-padded inputs: build_inputs(..., responses=None)")
+            inner = self.model.model
+            inner.rope_deltas = None  # set by the prompt's forward below (Qwen-VL's 3D rope offsets)
+            out = self.model(**model_inputs, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            cache.batch_repeat_interleave(group_size)
+            rope_deltas = inner.rope_deltas.repeat_interleave(group_size, 0)
+            mask = model_inputs["attention_mask"].repeat_interleave(group_size, 0)
+            logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
+            suppress = torch.tensor(self.image_token_ids, device=logits.device)
+            tokens, done = [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+            for _ in range(max_new_tokens):
+                probs = torch.softmax(logits.index_fill(1, suppress, float("-inf")) / temperature, -1)
+                if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule)
+                    sorted_probs, order = probs.sort(-1, descending=True)
+                    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0
+                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+                nxt = torch.multinomial(probs, 1)[:, 0].masked_fill(done, self.pad_id)
+                tokens.append(nxt)
+                done |= nxt == self.eos_id
+                if done.all() or len(tokens) == max_new_tokens:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                position = (mask.sum(1, keepdim=True) - 1 + rope_deltas)[None].expand(3, -1, -1)
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+                logits = out.logits[:, -1].float()
+        return torch.stack(tokens, 1)
 
     def hidden_states(self, inputs, layer):
         """Output of decoder layer `layer` (1-based count of layers applied) and the attention mask as bool:
@@ -564,17 +667,113 @@ class Backbone(nn.Module):
         cut for this call, and the final norm is bypassed unless `layer` is the last layer."""
         if not 1 <= layer <= self.num_layers:
             raise ValueError(f"layer must be in [1, {self.num_layers}] (1-based count of decoder layers), got {layer}")
-        model_inputs = self._model_inputs(inputs)
         language_model = self.model.model.language_model
         all_layers, norm = language_model.layers, language_model.norm
-        language_model.layers = all_layers[:layer]
-        if layer < self.num_layers:
-            language_model.norm = nn.Identity()
-        try:
-            feats = self.model.model(**model_inputs, use_cache=False).last_hidden_state
-        finally:
-            language_model.layers, language_model.norm = all_layers, norm
+        with self.gathered():
+            model_inputs = self._model_inputs(inputs)
+            language_model.layers = all_layers[:layer]
+            if layer < self.num_layers:
+                language_model.norm = nn.Identity()
+            try:
+                feats = self.model.model(**model_inputs, use_cache=False).last_hidden_state
+            finally:
+                language_model.layers, language_model.norm = all_layers, norm
         return feats, model_inputs["attention_mask"].bool()
+
+
+def token_logprobs(hidden, lm_head, targets, temperature=1.0, suppress_ids=(), chunk_tokens=1024, with_entropy=False):
+    """log softmax(lm_head(hidden) / temperature)[targets] for hidden [M, d] and targets [M]: float32 [M], and
+    the entropy [M] (detached) or None. Computed as the target logit minus the logsumexp, chunk_tokens rows at
+    a time; with grad each chunk is recomputed in backward (torch.utils.checkpoint), so the memory peak is one
+    chunk's [chunk, vocab] fp32 logits, never [M, vocab] (a 7B's 152k vocabulary x 2k tokens would be 1.2 GB a row)."""
+    suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=hidden.device)
+
+    def chunk(h, t):
+        logits = lm_head(h).float() / temperature
+        if len(suppress):
+            logits = logits.index_fill(1, suppress, float("-inf"))
+        lse = torch.logsumexp(logits, -1)
+        logp = logits.gather(1, t[:, None])[:, 0] - lse
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():  # H = lse - sum p * logits (suppressed ids have p = 0)
+            entropy = lse - (torch.softmax(logits, -1) * logits.nan_to_num(neginf=0.0)).sum(-1)
+        return logp, entropy
+
+    outs = []
+    for k in range(0, max(len(targets), 1), chunk_tokens):
+        h, t = hidden[k:k + chunk_tokens], targets[k:k + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            outs.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False))
+        else:
+            outs.append(chunk(h, t))
+    logp = torch.cat([o[0] for o in outs])
+    return logp, (torch.cat([o[1] for o in outs]) if with_entropy else None)
+
+
+# -----------------------------------------------------------------------------
+# Distributed training in one place: FSDP2 (torch.distributed.fsdp.fully_shard) as torchtitan applies it
+# (torchtitan/models/llama3/infra/parallelize.py: each block, then the root), and state dicts that do not
+# depend on how the model is distributed. DDP (torch.nn.parallel) stays the default for models that fit.
+
+
+def fsdp_shard(backbone, compute_dtype=torch.bfloat16):
+    """Shard a Backbone over the default process group: each vision block and each LM decoder layer is one FSDP
+    unit, the root (embeddings, lm_head, norms, the merger) another. Parameters keep their dtype (fp32 master
+    weights, or a frozen bf16 model) and are all-gathered in compute_dtype; gradients are reduce-scattered in
+    fp32. Call Backbone.forward through the returned module for training; generate / hidden_states gather all
+    parameters once per call (Backbone.gathered)."""
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    inner = backbone.model.model
+    for block in inner.visual.blocks:
+        fully_shard(block, mp_policy=policy)
+    for layer in inner.language_model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(backbone, mp_policy=policy)
+    # FSDP2 takes the first module to run forward as its root; generate() runs the layers outside
+    # Backbone.forward, so fix the root now
+    backbone._get_fsdp_state()._lazy_init()
+    return backbone
+
+
+def full_state_dict(module):
+    """The module's state dict with every sharded tensor gathered, on CPU: on rank 0 under FSDP (a collective:
+    every rank must call it; other ranks get {}), the plain state dict otherwise."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for name, tensor in module.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        if rank == 0:
+            out[name] = tensor.detach().cpu()
+    return out
+
+
+def optimizer_state_dict(model, optimizer):
+    """The optimizer state keyed by parameter name, gathered on rank 0 under FSDP (a collective): the same file
+    whatever the world size or DDP / FSDP, so a run can resume on another number of GPUs."""
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state_dict(model, optimizer, state):
+    """Inverse of optimizer_state_dict, on every rank (each holds the full state; FSDP keeps its shard)."""
+    options = StateDictOptions(full_state_dict=True) if dist.is_initialized() else StateDictOptions()
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def clip_grad_norm(params, max_norm):
+    """torch's clip_grad_norm_ (max_norm <= 0: no clipping), returning the total norm as a float, also when the
+    gradients are FSDP-sharded DTensors."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def compute_context(device, dtype, fsdp=False):
+    """Mixed precision without FSDP: fp32 master weights, matmuls in `dtype` under autocast (FSDP's
+    MixedPrecisionPolicy casts the gathered parameters itself)."""
+    if dtype == torch.float32 or fsdp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------

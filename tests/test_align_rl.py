@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align_rl import completion_mask, group_advantages, grpo_loss
+from align_rl import completion_mask, group_advantages, grpo_loss, kl_penalty, sequence_logprobs
 import data
 from data import LiberoDataset, NormStats, chunk_at, make_synthetic_dataset
 from model import Backbone, FastTokenizer
@@ -21,12 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_group_advantages_by_hand():
-    adv = group_advantages([[1.0, 0.0, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3]], eps=0.0 + 1e-12)
-    # group 1: mean 0.5, population std sqrt((0.25 + 0.25 + 0 + 0) / 4) = sqrt(0.125)
-    np.testing.assert_allclose(adv[0].numpy(), np.array([0.5, -0.5, 0.0, 0.0]) / math.sqrt(0.125), rtol=1e-5)
+    adv = group_advantages([[1.0, 0.0, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3]], eps=1e-12)
+    # group 1: mean 0.5, unbiased std sqrt((0.25 + 0.25 + 0 + 0) / 3) (EasyR1 and TRL use torch.std)
+    np.testing.assert_allclose(adv[0].numpy(), np.array([0.5, -0.5, 0.0, 0.0]) / math.sqrt(0.5 / 3), rtol=1e-5)
     assert torch.equal(adv[1], torch.zeros(4))  # zero variance: no signal, and no NaN
-    mean_only = group_advantages([[1.0, 0.0, 0.5, 0.5]], scale=False)
+    mean_only = group_advantages([[1.0, 0.0, 0.5, 0.5]], kind="mean_only")
     np.testing.assert_allclose(mean_only[0].numpy(), [0.5, -0.5, 0.0, 0.0])
+    assert torch.equal(group_advantages([[0.7]]), torch.zeros(1, 1))  # G = 1: no group to compare with
+    with pytest.raises(ValueError, match="advantage"):
+        group_advantages([[1.0, 0.0]], kind="dr_grpo")
 
 
 def test_grpo_loss_by_hand_with_clipping():
@@ -49,24 +52,136 @@ def test_grpo_loss_by_hand_with_clipping():
     masked = [per_token[i][j] for i in range(4) for j in range(3) if mask[i, j]]
     loss, stats = grpo_loss(logp, old, adv, mask, 0.2, 0.2, "token")
     assert loss.item() == pytest.approx(sum(masked) / 11, abs=1e-6)
-    assert stats["clip_frac"] == pytest.approx(3 / 11, abs=1e-6)  # row 0 t1, row 3 t0 and t2
+    assert stats["clipped_tokens"] == 3  # row 0 t1, row 3 t0 and t2
     seq = sum(sum(per_token[i][j] for j in range(3) if mask[i, j]) / mask[i].sum().item() for i in range(4)) / 4
     assert grpo_loss(logp, old, adv, mask, 0.2, 0.2, "sequence")[0].item() == pytest.approx(seq, abs=1e-6)
+    # Dr. GRPO's constant normalizer: sequences x max_new_tokens, whatever the lengths
+    assert grpo_loss(logp, old, adv, mask, 0.2, 0.2, "constant", max_new_tokens=5)[0].item() == pytest.approx(sum(masked) / 20, abs=1e-6)
     # global normalization: a shard of the batch divides by the global token count
     half, _ = grpo_loss(logp[:2], old[:2], adv[:2], mask[:2], 0.2, 0.2, "token", num_tokens=11)
     other, _ = grpo_loss(logp[2:], old[2:], adv[2:], mask[2:], 0.2, 0.2, "token", num_tokens=11)
     assert (half + other).item() == pytest.approx(loss.item(), abs=1e-6)
-    # k3 KL: zero when the policy equals the reference, positive otherwise
-    same = grpo_loss(logp, old, adv, mask, 0.2, 0.2, "token", ref_logp=logp, beta=0.5)[0]
-    assert same.item() == pytest.approx(loss.item(), abs=1e-6)
-    assert grpo_loss(logp, old, adv, mask, 0.2, 0.2, "token", ref_logp=old, beta=0.5)[0].item() > loss.item()
+    # KL: zero when the policy equals the reference; k3 by hand otherwise
+    same, stats = grpo_loss(logp, old, adv, mask, 0.2, 0.2, "token", ref_logp=logp, beta=0.5)
+    assert same.item() == pytest.approx(loss.item(), abs=1e-6) and stats["kl"] == pytest.approx(0.0, abs=1e-7)
+    d = (old - logp)[mask.bool()]
+    k3 = (torch.exp(d) - d - 1).sum().item()
+    with_kl, stats = grpo_loss(logp, old, adv, mask, 0.2, 0.2, "token", ref_logp=old, beta=0.5, kl_estimator="k3")
+    assert with_kl.item() == pytest.approx(loss.item() + 0.5 * k3 / 11, abs=1e-6) and stats["kl"] == pytest.approx(k3, rel=1e-5)
+    far = torch.full_like(logp, 20.0)  # k3 = e^(20 - logp) - ...: huge; low_var_kl clamps each token at 10
+    assert kl_penalty(logp, far, "low_var_kl").max().item() == 10.0 and kl_penalty(logp, far, "k3").min().item() > 1e6
     with pytest.raises(ValueError, match="loss_norm"):
         grpo_loss(logp, old, adv, mask, loss_norm="nope")
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    for norm in ("token", "sequence", "constant"):
+        loss, _ = grpo_loss(logp, logp.detach(), torch.ones(2), torch.zeros(2, 3), loss_norm=norm, num_tokens=0)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(logp.grad).all()
 
 
 def test_completion_mask_stops_after_the_first_eos():
     c = torch.tensor([[5, 6, 9, 0, 0], [9, 0, 0, 0, 0], [5, 5, 5, 5, 5]])
     np.testing.assert_array_equal(completion_mask(c, 9).numpy(), [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    # mask_truncated_completions: the row that never ended gets no loss at all
+    np.testing.assert_array_equal(completion_mask(c, 9, mask_truncated=True).numpy(), [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0] * 5])
+
+
+def tiny_backbone():
+    torch.manual_seed(0)
+    return Backbone.tiny(fast_vocab_size=16, seed=0, hidden_size=32, num_layers=2, num_heads=2, vision_depth=1, vision_hidden_size=32)
+
+
+def chi_square_rejects(counts, probs, n, z=3.09):
+    """Pearson's chi-square goodness of fit at p = 0.001 (z = 3.09; Wilson-Hilferty's approximation of the
+    critical value): categories with expected count >= 5, the rest pooled into one."""
+    expected = probs * n
+    keep = expected >= 5
+    obs, exp = np.append(counts[keep], counts[~keep].sum()), np.append(expected[keep], expected[~keep].sum())
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat, dof = float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
+    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    return stat > critical, stat, critical
+
+
+def test_sampled_token_frequencies_match_the_log_probs_at_the_sampling_temperature():
+    """Backbone.sample at T 0.7 draws from exp(sequence_logprobs(T 0.7)): the first token over 6000 samples, and
+    the second token given the most frequent first one. The log-probs at T 1 (the off-policy bug) are rejected
+    by the same test, so it can fail."""
+    bb = tiny_backbone()
+    bb.eval()
+    with torch.no_grad():  # a random model is nearly uniform over its vocabulary; sharpen it so T matters
+        bb.model.lm_head.weight.mul_(8)
+    inputs = prompt_subset(bb, 0, 1)
+    torch.manual_seed(0)
+    G, T = 6000, 0.7
+    completions = bb.sample(inputs, G, max_new_tokens=2, temperature=T)
+    vocab = len(bb.tokenizer)
+    allowed = torch.tensor([i for i in range(vocab) if i not in bb.image_token_ids])  # the sampler never emits image ids
+    with torch.no_grad():
+        probe = allowed[:, None]  # every possible first token, scored in one batch
+        counts = np.bincount(completions[:, 0].numpy(), minlength=vocab)[allowed]
+        assert counts.sum() == G
+        for temperature, should_fit in ((T, True), (1.0, False)):
+            logp, _ = sequence_logprobs(bb, inputs, probe, torch.ones_like(probe), temperature, group_size=len(allowed))
+            probs = logp[:, 0].exp().numpy()
+            assert probs.sum() == pytest.approx(1.0, abs=1e-4)  # no mass left on the suppressed image ids
+            rejected, stat, critical = chi_square_rejects(counts, probs, G)
+            assert rejected != should_fit, (temperature, stat, critical)
+            print(f"T {temperature}: chi-square {stat:.1f}, critical {critical:.1f} (p = 0.001)")
+        mode = int(np.bincount(completions[:, 0].numpy()).argmax())
+        follow = completions[completions[:, 0] == mode]
+        second = torch.cat([torch.full((len(allowed), 1), mode), allowed[:, None]], 1)
+        logp, _ = sequence_logprobs(bb, inputs, second, torch.ones_like(second), T, group_size=len(allowed))
+        counts = np.bincount(follow[:, 1].numpy(), minlength=vocab)[allowed]
+        rejected, stat, critical = chi_square_rejects(counts, logp[:, 1].exp().numpy(), len(follow))
+        assert len(follow) > 300 and not rejected, (len(follow), stat, critical)
+        print(f"second token after the mode ({len(follow)} samples): chi-square {stat:.1f}, critical {critical:.1f}")
+
+
+def test_on_policy_shortcut_and_micro_batches_give_the_gradient_of_the_full_path():
+    """One optimizer step per rollout: old log-probs = the detached current ones (no forward) give the same
+    gradient as a separate no-grad forward; and two micro-batches of whole groups, accumulated, give the
+    gradient of one big batch (global normalizers)."""
+    bb = tiny_backbone()
+    P, G, T = 2, 3, 0.7
+    inputs = prompt_subset(bb, 0, P)
+    torch.manual_seed(1)
+    completions = bb.sample(inputs, G, max_new_tokens=8, temperature=T)
+    mask = completion_mask(completions, bb.eos_id)
+    adv = group_advantages(torch.rand(P, G)).reshape(-1)
+    params = [p for p in bb.parameters() if p.requires_grad]
+
+    def grads(old_from_forward, parts):
+        bb.zero_grad(set_to_none=True)
+        for lo, hi in parts:  # prompts lo..hi and their rows, built on their own as align_rl does per micro-batch
+            sub, rows = prompt_subset(bb, lo, hi), slice(lo * G, hi * G)
+            logp, _ = sequence_logprobs(bb, sub, completions[rows], mask[rows], T, G)
+            if old_from_forward:
+                with torch.no_grad():
+                    old = sequence_logprobs(bb, sub, completions[rows], mask[rows], T, G)[0]
+            else:
+                old = logp.detach()
+            loss, _ = grpo_loss(logp, old, adv[rows], mask[rows], num_tokens=int(mask.sum()), num_sequences=P * G)
+            loss.backward()
+        return [p.grad.clone() for p in params if p.grad is not None]
+
+    full = grads(True, [(0, P)])
+    for got in (grads(False, [(0, P)]), grads(False, [(0, 1), (1, 2)])):
+        assert len(got) == len(full)
+        for a, b in zip(got, full):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert max(g.abs().max().item() for g in full) > 1e-4  # the gradient is not trivially zero
+
+
+def prompt_subset(bb, lo, hi):
+    """RL prompts lo..hi of two (two 56x56 random images each), built on their own."""
+    rng = np.random.default_rng(0)
+    images = [[rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(2)] for _ in range(2)]
+    texts = [data.REASONING_ACTION_PROMPT.format(instruction=f"put block {i} on the red one") for i in range(2)]
+    return bb.build_inputs(images[lo:hi], texts[lo:hi])
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_forward_and_generate_are_fast(bb):
     assert inputs["pixel_values"].shape == (32, 3 * 2 * 14 * 14)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = bb(**inputs)
+        out = bb.model(**inputs)
     t_forward = time.perf_counter() - t0
     assert out.logits.shape == (*inputs["input_ids"].shape, len(bb.tokenizer)) and torch.isfinite(out.loss)
     gen_inputs = bb.build_inputs(images(1), ["pick up the red block"])
@@ -94,10 +94,52 @@ def test_labels_mask_everything_but_the_response(bb):
     assert (labels[ids == bb.image_token_id] == -100).all()
     # the HF loss is the mean next-token cross entropy over the response tokens only
     with torch.no_grad():
-        out = bb(**inputs)
+        out = bb.model(**inputs)
     logp = F.log_softmax(out.logits.float(), -1)
     nll = [-logp[i, t - 1, ids[i, t]] for i in range(2) for t in range(ids.shape[1]) if labels[i, t] != -100]
     assert torch.allclose(out.loss, torch.stack(nll).mean(), atol=1e-5)
+
+
+def test_forward_log_probs_match_the_full_logits_in_chunks(bb):
+    """Backbone.forward: the LM head only at scored positions, chunked and recomputed in backward, gives the
+    log-softmax of the full logits at temperature T, its entropy, and the same gradient."""
+    inputs = bb.build_inputs(images(3), ["pick up", "the red block is", "go left"], [bb.action_text([1, 2]), "left", "up up"])
+    targets = torch.full_like(inputs["labels"], -100)
+    targets[:, :-1] = inputs["labels"][:, 1:]
+    logp, entropy = bb(inputs, targets, temperature=0.7, with_entropy=True, chunk_tokens=3)  # several chunks
+    logp.sum().backward()
+    chunked = bb.model.lm_head.weight.grad.clone()
+    bb.model.zero_grad(set_to_none=True)
+    full = F.log_softmax(bb.model(**bb._model_inputs(inputs)).logits.float() / 0.7, -1)
+    scored = targets != -100
+    ref = full.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach() * scored, atol=1e-5, rtol=0)
+    assert (logp[~scored] == 0).all()
+    ref.sum().backward()
+    torch.testing.assert_close(chunked, bb.model.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+    bb.model.zero_grad(set_to_none=True)
+
+
+def test_sample_matches_generate_and_shares_the_prompt(bb):
+    """Backbone.sample draws from generate's distribution (same seed, one row per prompt: the same tokens, with
+    top-p too), and with G rows per prompt (prompt encoded once, KV cache repeated) at a near-zero temperature
+    every row is the greedy answer; image_repeat scores G rows against once-encoded images like full rows."""
+    inputs = bb.build_inputs(images(2, seed=5), ["pick up the red block", "go"])
+    for temperature, top_p in ((0.7, 1.0), (1.0, 0.8)):
+        torch.manual_seed(3)
+        a = bb.generate(inputs, max_new_tokens=10, do_sample=True, temperature=temperature, top_p=top_p)
+        torch.manual_seed(3)
+        b = bb.sample(inputs, 1, max_new_tokens=10, temperature=temperature, top_p=top_p)
+        assert torch.equal(a, b[:, :a.shape[1]]) and (b[:, a.shape[1]:] == bb.pad_id).all()
+    greedy = bb.generate(inputs, max_new_tokens=10)
+    rows = bb.sample(inputs, 3, max_new_tokens=10, temperature=1e-4)
+    assert torch.equal(rows[:, :greedy.shape[1]], greedy.repeat_interleave(3, 0))
+    expanded = bb.build_inputs([im for im in images(2, seed=5) for _ in range(3)], ["pick up the red block"] * 3 + ["go"] * 3)
+    targets = torch.randint(0, 100, expanded["input_ids"].shape)
+    shared = {k: v.repeat_interleave(3, 0) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in inputs.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(bb(shared, targets, image_repeat=3)[0], bb(expanded, targets)[0], atol=1e-5, rtol=0)
 
 
 def test_left_padded_generation_matches_single(bb):
@@ -185,7 +227,7 @@ def test_save_and_reload_identical(bb, tmp_path):
     for k in inputs:
         assert torch.equal(inputs[k], inputs_re[k]), k
     with torch.no_grad():
-        torch.testing.assert_close(re(**inputs).logits, bb(**inputs).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(re.model(**inputs).logits, bb.model(**inputs).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="fast_vocab_size"):
         Backbone.from_pretrained(str(tmp_path), fast_vocab_size=V + 1)
     assert Backbone.from_pretrained(str(tmp_path), fast_vocab_size=V).fast_vocab_size == V
