@@ -377,7 +377,11 @@ class Backbone(nn.Module):
         _save_hf(model, processor, out_dir)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, fast_vocab_size=None, dtype=None, attn_implementation=None):
+    def from_pretrained(cls, name_or_path, fast_vocab_size=None, dtype=None, attn_implementation=None, min_pixels=0,
+                        max_pixels=0):
+        """An HF Qwen-VL checkpoint (local directory or hub id). min_pixels / max_pixels (0 = the checkpoint's) bound
+        the pixels of each image after Qwen's resize, i.e. its visual tokens (pixels / 28^2); the setting is saved
+        with the processor, so later stages and evaluation see the same image sizes."""
         config = AutoConfig.from_pretrained(name_or_path)
         families = _supported_families()
         if config.model_type not in families:
@@ -389,7 +393,8 @@ class Backbone(nn.Module):
             kwargs["attn_implementation"] = attn_implementation
         model = model_cls.from_pretrained(name_or_path, **kwargs).eval()
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, **pixels)
         processor = _image_only_processor(processor_cls, image_processor, tokenizer, _chat_template(name_or_path, tokenizer))
         saved = None
         if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, BACKBONE_JSON)):
@@ -496,11 +501,13 @@ class Backbone(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ---- inputs ----
-    def build_inputs(self, images, prompts, responses=None, padding_side="right", system_prompt=None):
+    def build_inputs(self, images, prompts, responses=None, padding_side="right", system_prompt=None, max_length=0):
         """images: per sample a list of uint8 [H, W, 3] arrays or PIL images; prompt/response strings.
         Returns input_ids, attention_mask, labels (-100 except the response and its closing <|im_end|>),
         pixel_values, image_grid_thw and mm_token_type_ids (1 on image tokens; Qwen's 3D rope needs it).
-        responses=None -> generation inputs: the assistant prompt is opened, left padding."""
+        responses=None -> generation inputs: the assistant prompt is opened, left padding.
+        max_length > 0: a longer sample keeps its prompt (images included) and the response's first tokens up to
+        max_length; a prompt alone longer than that is an error (cap the image size with max_pixels instead)."""
         if isinstance(prompts, str) or len(images) != len(prompts):
             raise ValueError(f"need one image list per prompt: got {len(images)} image lists and "
                              f"{1 if isinstance(prompts, str) else len(prompts)} prompts")
@@ -522,6 +529,11 @@ class Backbone(nn.Module):
         rows, label_rows = [], []
         for i, prompt_ids in enumerate(enc["input_ids"]):
             response_ids = [] if responses is None else self.tokenizer(responses[i], add_special_tokens=False)["input_ids"] + [self.eos_id]
+            if max_length and len(prompt_ids) + len(response_ids) > max_length:
+                if len(prompt_ids) >= max_length:
+                    raise ValueError(f"sample {i}: its prompt has {len(prompt_ids)} tokens ({int((np.asarray(prompt_ids) == self.image_token_id).sum())} "
+                                     f"of them image tokens), max_length={max_length}: lower max_pixels or raise max_seq_len")
+                response_ids = response_ids[:max_length - len(prompt_ids)]
             rows.append(list(prompt_ids) + response_ids)
             label_rows.append([-100] * len(prompt_ids) + response_ids)
         width = max(len(r) for r in rows)

@@ -26,7 +26,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -34,13 +33,21 @@ import data
 from data import (ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, ensure_synthetic_dataset,
                   fast_target, format_reward, global_batch_indices, open_robot_dataset, prefix_match_reward,
                   recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed, split_global_batch)
-from model import Backbone, FastTokenizer
+from model import (Backbone, FastTokenizer, clip_grad_norm, compute_context, fsdp_shard, full_state_dict,
+                   load_optimizer_state_dict, optimizer_state_dict)
 
 # -----------------------------------------------------------------------------
 # config: these defaults ARE the embedded tiny CPU recipe (config/sft_qwen2_5_vl_7b_libero.py: the paper's)
 out_dir = "out/sft"
 init_from = "tiny"  # "tiny" | a local checkpoint dir | a hub name (Backbone.from_pretrained)
-dtype = "float32"  # weights of a from_pretrained backbone: "float32" | "bfloat16"
+dtype = "float32"  # compute dtype ("bfloat16" on GPUs); master weights and AdamW state stay in master_dtype
+master_dtype = "float32"
+attn_implementation = "sdpa"  # or "flash_attention_2" where installed
+fsdp = False  # FSDP2 over all processes (model.fsdp_shard); False = DDP (the model fits on every GPU)
+min_pixels = 0  # per image, after Qwen's resize (0 = the checkpoint's); visual tokens = pixels / 28^2
+max_pixels = 0  # (the tiny backbone fixes image_size^2); the setting is saved with the checkpoint's processor
+max_seq_len = 0  # > 0: longer samples keep the prompt and the response's first tokens (Backbone.build_inputs)
+logprob_chunk = 1024  # tokens per LM-head chunk: the head runs only at supervised positions (model.token_logprobs)
 seed = 0
 # tiny backbone sizes (init_from="tiny" only); DESIGN.md calibration: 4 layers x 192 learns in CPU minutes
 n_layer = 4
@@ -182,7 +189,8 @@ def main():
     global_batch = batch_size * gradient_accumulation_steps
     weights = [vqa_weight, reasoning_weight, action_weight, think_action_weight]
     counts = mixture_counts(weights, global_batch)  # an empty mixture fails here, before anything is loaded
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    compute_dtype = getattr(torch, dtype)
+    autocast = compute_context(device, compute_dtype, fsdp)
 
     # ---- data (every error about paths, files or images is raised here, before training) ----
     if data_dir == "out/data":
@@ -224,8 +232,8 @@ def main():
         backbone = Backbone.tiny(fast_vocab_size=fast_vocab_size, seed=seed, hidden_size=n_embd, num_layers=n_layer,
                                  num_heads=n_head, vision_depth=vision_depth, vision_hidden_size=vision_embd, image_size=image_size)
     else:
-        backbone = Backbone.from_pretrained(source, fast_vocab_size=fast_vocab_size, dtype=getattr(torch, dtype))
-    backbone.to(device)
+        backbone = Backbone.from_pretrained(source, fast_vocab_size=fast_vocab_size, dtype=getattr(torch, master_dtype),
+                                            attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
     own_fast = os.path.isdir(source) and os.path.isfile(os.path.join(source, "fast_tokenizer.json"))
     fast_path = fast_tokenizer_path or (os.path.join(source, "fast_tokenizer.json") if own_fast else "")
     stats_path = norm_stats_path or (os.path.join(source, "norm_stats.json") if own_fast else "")
@@ -260,17 +268,19 @@ def main():
     def build(pairs, sets):
         examples = [example(COMPONENTS[c], sets[COMPONENTS[c]][i]) for c, i in pairs]
         return backbone.build_inputs([e["images"] for e in examples], [e["prompt"] for e in examples],
-                                     [e["response"] for e in examples])
+                                     [e["response"] for e in examples], max_length=max_seq_len)
 
     # ---- model, optimizer (PAPER.md "Stage 1": vision encoder frozen, everything else trained) ----
     if freeze_vision:
         backbone.freeze_vision_blocks()
     if gradient_checkpointing:
         backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backbone.model.train()
-    model = backbone.model
-    if ddp:  # no buffers to sync; gradients live in the all-reduce buckets (no second copy: matters for a 7B)
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
+    backbone.to(device).train()
+    model = backbone
+    if fsdp:
+        model = fsdp_shard(backbone, compute_dtype)
+    elif ddp:  # no buffers to sync; gradients live in the all-reduce buckets (no second copy: matters for a 7B)
+        model = DDP(backbone, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
                     gradient_as_bucket_view=True)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     vision = {id(p) for name, p in backbone.model.model.visual.named_parameters() if not name.startswith("merger.")}
@@ -282,8 +292,8 @@ def main():
     warmup_iters = math.ceil(warmup_frac * max_iters)
     step = 0
     if resume:
-        train_state = torch.load(state_path, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(train_state["optimizer"])
+        train_state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
+        load_optimizer_state_dict(backbone, optimizer, train_state["optimizer"])
         set_rng_state(train_state["rng"])
         step = train_state["step"]
         changed = {k: (train_state["config"].get(k), v) for k, v in config.items() if train_state["config"].get(k) != v and k != "resume"}
@@ -305,12 +315,13 @@ def main():
         return t.tolist()
 
     def loss_sum(inputs, module):
-        """Summed next-token cross-entropy over the response tokens (labels != -100) and their count."""
-        labels = inputs["labels"][:, 1:].to(device)
+        """Summed next-token cross-entropy over the response tokens (labels != -100) and their count; the LM
+        head runs only at those positions (Backbone.forward)."""
+        targets = torch.full_like(inputs["labels"], -100)
+        targets[:, :-1] = inputs["labels"][:, 1:]  # position t predicts token t + 1
         with autocast:
-            logits = module(**backbone._model_inputs(inputs), use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss, (labels != -100).sum().item()
+            logp, _ = module(inputs, targets, chunk_tokens=logprob_chunk)
+        return -logp.sum(), (targets != -100).sum().item()
 
     # ---- evaluation on held-out data ----
     val_sizes = [len(val_sets[k]) if val_sets[k] is not None else 0 for k in COMPONENTS]
@@ -335,14 +346,14 @@ def main():
         action_exact / action_prefix (data.prefix_match_reward, the RL reward's action term) on action_prompt,
         think_action_format / think_action_prefix on the RL prompt, reasoning_format on reasoning prompts.
         Each process decodes its share of the prompts; the sums are all-reduced."""
-        backbone.model.eval()
+        backbone.eval()
         out = {}
         if val_counts is not None:
             total, tokens = 0.0, 0
             for i in range(eval_iters):
                 pairs = mixture_batch(i, val_sizes, val_counts, seed + 1)[rank::world_size]
                 for k in range(0, len(pairs), batch_size):
-                    loss, n = loss_sum(build(pairs[k:k + batch_size], val_sets), backbone.model)
+                    loss, n = loss_sum(build(pairs[k:k + batch_size], val_sets), model)
                     total, tokens = total + loss.item(), tokens + n
             total, tokens = all_sum(total, tokens)
             out["val_loss"] = total / tokens
@@ -371,18 +382,20 @@ def main():
             n = sums["n_reasoning" if key == "reasoning_format" else "n_action"]
             if n:
                 out[key] = sums[key] / n
-        backbone.model.train()
+        backbone.train()
         return {k: round(float(v), 5) for k, v in out.items()}
 
     def checkpoint(step):
+        state = full_state_dict(backbone.model)  # collectives: every rank takes part
+        optim = optimizer_state_dict(backbone, optimizer)
+
         def write(tmp):
-            backbone.save_pretrained(tmp)
+            backbone.save_pretrained(tmp, state_dict=state)
             fast.save(os.path.join(tmp, "fast_tokenizer.json"))
             norm_stats.save(os.path.join(tmp, "norm_stats.json"))
             with open(os.path.join(tmp, "run_config.json"), "w") as f:
                 json.dump(config, f, indent=1)
-            torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=rng_state(), config=config),
-                       os.path.join(tmp, "train_state.pt"))
+            torch.save(dict(step=step, optimizer=optim, rng=rng_state(), config=config), os.path.join(tmp, "train_state.pt"))
         if master:
             save_checkpoint(out_dir, write)
         if ddp:
@@ -390,7 +403,8 @@ def main():
 
     def run_eval(step):
         t0 = time.time()
-        metrics = evaluate()
+        with backbone.gathered():  # under FSDP: parameters gathered once for all the greedy decoding
+            metrics = evaluate()
         logger.log(step=step, **metrics)
         if master:
             tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({time.time() - t0:.1f} s)")
@@ -411,13 +425,12 @@ def main():
         (global_tokens,) = all_sum(sum((b["labels"][:, 1:] != -100).sum().item() for b in micro_batches))
         total = 0.0
         for k, inputs in enumerate(micro_batches):
-            sync = not ddp or k == accum_per_rank - 1  # all-reduce gradients once per step
+            sync = fsdp or not ddp or k == accum_per_rank - 1  # DDP all-reduces once per step; FSDP reduce-scatters each
             with nullcontext() if sync else model.no_sync():
                 loss, _ = loss_sum(inputs, model)
                 (loss * world_size / global_tokens).backward()  # DDP averages over processes, hence * world_size
             total += loss.item()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip_grad_norm(params, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
