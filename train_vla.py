@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -38,13 +37,16 @@ import data
 from data import (MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
                   open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
                   split_global_batch)
-from model import VLA, ActionHead, Backbone
+from model import VLA, ActionHead, Backbone, clip_grad_norm, compute_context, fsdp_shard, full_state_dict
 
 # -----------------------------------------------------------------------------
 # config: these defaults ARE the embedded tiny CPU recipe (config/vla_qwen2_5_vl_7b_libero.py: the paper's)
 out_dir = "out/vla"
 init_from = "out/align_rl"  # a stage checkpoint dir (out/align_rl, out/sft), a hub name, or "tiny" (random, for tests)
-dtype = "float32"  # backbone weights: "float32" | "bfloat16"
+dtype = "float32"  # compute dtype ("bfloat16" on GPUs), also the frozen backbone's storage; the head trains in fp32
+attn_implementation = "sdpa"  # or "flash_attention_2" where installed
+fsdp = False  # shard the frozen backbone with FSDP2 (model.fsdp_shard; gathered for feature extraction); the head,
+# small, stays replicated with one gradient all-reduce per step
 seed = 0
 layer = 0  # backbone layer whose hidden states feed the head; 0 = two thirds of the depth (18 of the 7B's 28)
 prompt_template = data.ACTION_PROMPT
@@ -94,11 +96,11 @@ resume = False
 # -----------------------------------------------------------------------------
 
 
-def weights_fingerprint(module):
+def weights_fingerprint(state_dict):
     """A content hash of a module's weights: every tensor's name, shape, dtype and a strided sample of its
     values (cheap even for a 7B on GPU, and any fine-tuning changes the sampled values)."""
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
+    for name, p in sorted(state_dict.items()):
         flat = p.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 4096)].float().cpu().numpy()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
@@ -200,7 +202,7 @@ class FeatureCache:
         return feats, mask
 
 
-def load_backbone(source, torch_dtype):
+def load_backbone(source, torch_dtype, attn_implementation=None):
     if source == "tiny":
         return Backbone.tiny(seed=seed), None
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
@@ -209,7 +211,7 @@ def load_backbone(source, torch_dtype):
     if not os.path.isdir(source) and source.startswith(("out/", "./", "/")):
         raise FileNotFoundError(f"init_from={source!r} does not exist: run `python sft.py && python align_rl.py` first "
                                 "(or --init_from=out/sft for the SFT-only baseline)")
-    return Backbone.from_pretrained(source, dtype=torch_dtype), source
+    return Backbone.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation), source
 
 
 def main():
@@ -219,7 +221,8 @@ def main():
     torch.manual_seed(seed)
     micro_batch, accum_per_rank = split_global_batch(batch_size, gradient_accumulation_steps, world_size)
     global_batch = batch_size * gradient_accumulation_steps
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    compute_dtype = getattr(torch, dtype)
+    autocast = compute_context(device, compute_dtype)  # the head's fp32 weights, matmuls in the compute dtype
 
     # ---- data ----
     if data_dir == "out/data":
@@ -243,8 +246,11 @@ def main():
     state_path = os.path.join(out_dir, "train_state.pt")
     if resume and not os.path.isfile(state_path):
         raise FileNotFoundError(f"--resume: {state_path} not found")
-    backbone, backbone_path = load_backbone(init_from, getattr(torch, dtype))
+    backbone, backbone_path = load_backbone(init_from, compute_dtype, attn_implementation)
+    frozen_fingerprint = weights_fingerprint(backbone.state_dict()) if feature_cache else None
     backbone.to(device)
+    if fsdp:
+        fsdp_shard(backbone.requires_grad_(False), compute_dtype)
     feature_layer = layer or backbone.default_layer
     state_dim = len(targets(train_set, 0)[0])
     head = ActionHead(backbone.hidden_size, action_dim=action_dim, state_dim=state_dim, horizon=action_horizon,
@@ -279,7 +285,6 @@ def main():
 
     # ---- features: from the cache or computed per batch ----
     cache = None
-    frozen_fingerprint = weights_fingerprint(backbone) if feature_cache else None
     if feature_cache:
         fingerprint = hashlib.sha256(json.dumps(dict(
             backbone=frozen_fingerprint, layer=feature_layer, prompt=prompt_template, dtype=cache_dtype,
@@ -287,7 +292,8 @@ def main():
         cache = FeatureCache(cache_dir, fingerprint, len(train_set), cache_shard_size, cache_in_memory)
         if not cache.complete():
             t0 = time.time()
-            cache.build(vla, train_set, rank, world_size, cache_batch_size, getattr(torch, cache_dtype), master)
+            with backbone.gathered():  # under FSDP: parameters gathered once for the whole pass
+                cache.build(vla, train_set, rank, world_size, cache_batch_size, getattr(torch, cache_dtype), master)
             if master:
                 print(f"feature cache {cache.dir}: built in {time.time() - t0:.1f} s")
         elif master:
@@ -310,7 +316,7 @@ def main():
     val_features = []
     for b in range(0, len(val_probe), cache_batch_size):
         samples = [val_set[i] for i in val_probe[b:b + cache_batch_size]]
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, backbone.gathered():
             f, m = vla.features([s["images"] for s in samples], [s["instruction"] for s in samples])
         val_features.append((f.float(), m, norm_stats.normalize_state(np.stack([s["state"] for s in samples])),
                              norm_stats.normalize_actions(np.stack([s["actions"] for s in samples])),
@@ -346,12 +352,14 @@ def main():
         tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def checkpoint(step):
+        backbone_state = full_state_dict(backbone.model) if backbone_path is None else None  # a collective under FSDP
+
         def write(tmp):
             saved = copy.deepcopy(vla.head.state_dict())
             if ema is not None:
                 vla.head.load_state_dict(ema.state_dict())
             if backbone_path is None:  # "tiny": the random backbone is part of this checkpoint
-                backbone.save_pretrained(os.path.join(tmp, "backbone"))
+                backbone.save_pretrained(os.path.join(tmp, "backbone"), state_dict=backbone_state)
                 vla.backbone_path = os.path.join(tmp, "backbone")
             vla.save(tmp)
             vla.head.load_state_dict(saved)
@@ -396,8 +404,7 @@ def main():
             total_t = torch.tensor([total], device=device)
             dist.all_reduce(total_t)
             total = total_t.item() / world_size
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip_grad_norm(params, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -417,7 +424,8 @@ def main():
         if step % save_interval == 0 or step == max_iters:
             checkpoint(step)
     bar.close()
-    if feature_cache and weights_fingerprint(backbone) != frozen_fingerprint:
+    weights = full_state_dict(backbone) if feature_cache else None  # a collective under FSDP: rank 0 checks
+    if feature_cache and master and weights_fingerprint(weights) != frozen_fingerprint:
         raise RuntimeError("the backbone's weights changed during training; the feature cache no longer matches it")
     if master:
         print(f"done: {out_dir}")

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train_vla
 from data import make_synthetic_dataset
@@ -82,8 +83,8 @@ def test_backbone_is_bit_identical_after_training(setup, monkeypatch):
     captured = {}
     original = train_vla.load_backbone
 
-    def load_and_remember(source, dtype):
-        backbone, path = original(source, dtype)
+    def load_and_remember(*a, **kw):
+        backbone, path = original(*a, **kw)
         captured["backbone"] = backbone
         captured["before"] = {k: v.clone() for k, v in backbone.state_dict().items()}
         return backbone, path
@@ -97,13 +98,21 @@ def test_backbone_is_bit_identical_after_training(setup, monkeypatch):
     assert not any(p.requires_grad for p in captured["backbone"].parameters())
 
 
-def test_two_processes_match_one(setup):
+def test_ddp_and_fsdp_on_two_processes_match_one(setup):
+    """The same losses and head weights from 1 process, 2 with DDP, and 2 with the frozen backbone sharded by
+    FSDP2 (which builds its own feature cache through the sharded backbone)."""
     root, data_dir, backbone_dir = setup
     common = ["--max_iters=3", "--gradient_accumulation_steps=2"]
     one = run(args(root, data_dir, backbone_dir, "ddp1", *common))
     two = run(args(root, data_dir, backbone_dir, "ddp2", *common), nproc=2)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    np.testing.assert_allclose(losses(root / "ddp1"), losses(root / "ddp2"), atol=1e-5)
+    fsdp = run(args(root, data_dir, backbone_dir, "fsdp2", *common, "--fsdp=True", f"--cache_dir={root / 'cache_fsdp'}"), nproc=2)
+    for r in (one, two, fsdp):
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "built in" in fsdp.stdout
+    heads = {name: load_file(str(root / name / "action_head.safetensors")) for name in ("ddp1", "ddp2", "fsdp2")}
+    for name in ("ddp2", "fsdp2"):
+        np.testing.assert_allclose(losses(root / "ddp1"), losses(root / name), rtol=1e-5, atol=1e-7)
+        assert max((heads["ddp1"][k] - heads[name][k]).abs().max().item() for k in heads["ddp1"]) < 1e-6, name
 
 
 def test_bad_inputs_fail_before_training(setup, tmp_path):
