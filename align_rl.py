@@ -1,4 +1,4 @@
-"""Stage 2 of RoboAlign: GRPO that aligns the MLLM's reasoning with low-level actions (arXiv 2603.21341, Sec. 3.2).
+"""Stage 2 of RoboAlign: GRPO that aligns the MLLM's reasoning with low-level actions (arXiv 2603.21341, stage 2).
 
 The model sees image(s) + instruction with a prompt that asks it to reason, then answer with FAST action tokens:
 `<think>...</think><answer><ACTION_START> <act_i>... <ACTION_END></answer>`. Each prompt gets G samples; the
@@ -65,7 +65,7 @@ num_prompts = 512  # the RL subset of the demonstrations (paper: 12.8K, < 1% of 
 num_eval_prompts = 256  # held-out prompts, decoded greedily (64 left a standard error of ~0.04 on the reward)
 eval_batch_size = 32
 # rollouts
-group_size = 5  # G (the paper's Sec. 3.2)
+group_size = 5  # G (the paper)
 rollout_batch = 16  # prompts per rollout step, over all processes (paper: 512)
 update_batch = 8  # prompts per optimizer step (paper: 128): rollout_batch / update_batch steps per rollout
 generation_batch = 16  # prompts per Backbone.sample call (x G sequences of KV cache)
@@ -78,7 +78,7 @@ top_p = 1.0
 max_new_tokens = 80  # the embedded default's scene thought + action tokens take 40-60
 mask_truncated_completions = False  # True: completions cut at max_new_tokens get no loss (DAPO, Yu et al. 2025)
 sample_per_prompt = False  # True: seed each prompt's group by (seed, step, prompt): world-size-independent samples
-# reward r = format_weight * r_format + action_weight * r_action (the paper's Eq. 3: 1/2 each)
+# reward r = format_weight * r_format + action_weight * r_action (the paper: 1/2 each)
 format_weight = 0.5
 action_weight = 0.5
 reward_kind = "prefix"  # "prefix" (the paper) | "l1": 1 - mean |decoded - target| / 2 on normalized actions

@@ -959,6 +959,7 @@ class ActionHead(nn.Module):
             self.future_tokens = nn.Parameter(0.02 * torch.randn(num_future_tokens, width))  # GR00T: std 0.02
         self.blocks = nn.ModuleList(DiTBlock(width, heads, dropout, cross=(i % 2 == 0 or not self_attention))
                                     for i in range(depth))
+        self.gradient_checkpointing = False  # train_vla's gradient_checkpointing; not part of the saved config
         # output: adaLN without affine, scale/shift from temb (proj_out_1), then proj_out_2, then decoder MLP
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False)
         self.proj_out_1 = nn.Linear(width, 2 * width)
@@ -1019,7 +1020,10 @@ class ActionHead(nn.Module):
                 [torch.ones(B, x.shape[1] - H, dtype=torch.bool, device=x.device), action_mask.bool()], dim=1)
         for block in self.blocks:
             # unlike GR00T (which leaves encoder_attention_mask out), padded VL tokens are masked here
-            x = block(x, temb, vl, vl_mask, token_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute the block in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, temb, vl, vl_mask, token_mask, use_reentrant=False)
+            else:
+                x = block(x, temb, vl, vl_mask, token_mask)
         shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=-1)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
         return self.action_decoder(self.proj_out_2(x))[:, -H:]

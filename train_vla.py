@@ -45,6 +45,7 @@ out_dir = "out/vla"
 init_from = "out/align_rl"  # a stage checkpoint dir (out/align_rl, out/sft), a hub name, or "tiny" (random, for tests)
 dtype = "float32"  # compute dtype ("bfloat16" on GPUs), also the frozen backbone's storage; the head trains in fp32
 attn_implementation = "sdpa"  # or "flash_attention_2" where installed
+gradient_checkpointing = False  # recompute each DiT block of the head in backward (the backbone is frozen)
 fsdp = False  # shard the frozen backbone with FSDP2 (model.fsdp_shard; gathered for feature extraction); the head,
 # small, stays replicated with one gradient all-reduce per step
 seed = 0
@@ -257,6 +258,7 @@ def main():
                       width=head_width, depth=head_depth, heads=head_heads, num_future_tokens=num_future_tokens,
                       num_vl_self_attn_layers=num_vl_self_attn_layers,
                       self_attention=head_self_attention).to(device)
+    head.gradient_checkpointing = gradient_checkpointing
     vla = VLA(backbone, head, feature_layer, norm_stats, freeze_backbone=True, prompt_template=prompt_template,
               backbone_path=backbone_path)
     ema = copy.deepcopy(head).requires_grad_(False) if ema_decay > 0 else None

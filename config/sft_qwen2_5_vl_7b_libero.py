@@ -3,7 +3,13 @@
 # Edit the data paths below first. Keys not set here keep sft.py's defaults.
 out_dir = "out/sft"
 init_from = "Qwen/Qwen2.5-VL-7B-Instruct"
-dtype = "bfloat16"  # weights and AdamW states in bf16 (+ bf16 autocast): a 7B under DDP fits 80 GB cards this way
+# memory (bench/memory.py): FSDP2 shards fp32 master weights, gradients and AdamW state over the 8 GPUs; bf16
+# compute; each decoder layer recomputed in backward; at most 256 visual tokens per image, 2048 tokens per sample
+dtype = "bfloat16"
+master_dtype = "float32"
+fsdp = True
+max_pixels = 256 * 28 * 28
+max_seq_len = 2048
 
 # data (placeholders: your files). VQA and reasoning: LLaVA-style json / jsonl, images relative to image_root.
 data_dir = "/data/roboalign"

@@ -3,7 +3,7 @@
 #   torchrun --nproc_per_node=8 train_vla.py config/vla_calvin.py
 out_dir = "out/vla_calvin"
 init_from = "out/align_rl"
-dtype = "bfloat16"
+dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 layer = 18
 robot_data = "calvin"  # lang-annotated windows of task_ABC_D/training; rel_actions keep CALVIN's +1 = open gripper
 robot_train = "/data/calvin/task_ABC_D/training"
@@ -16,7 +16,7 @@ head_self_attention = True  # GR00T N1.5's alternating cross / self-attention Di
 num_future_tokens = 32
 num_vl_self_attn_layers = 4
 feature_cache = True
-cache_dtype = "bfloat16"
+cache_dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 cache_in_memory = False
 batch_size = 4
 gradient_accumulation_steps = 8

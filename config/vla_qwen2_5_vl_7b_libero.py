@@ -4,7 +4,7 @@
 # Baseline with the SFT-only backbone, same budget: add --init_from=out/sft --out_dir=out/vla_sft
 out_dir = "out/vla"
 init_from = "out/align_rl"
-dtype = "bfloat16"
+dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 layer = 18
 robot_data = "libero"
 robot_train = ",".join(f"/data/LIBERO/datasets/{suite}" for suite in
@@ -21,7 +21,7 @@ num_future_tokens = 32
 num_vl_self_attn_layers = 4
 # the frozen backbone's layer-18 features, cached once (bf16: ~2 GB per 1K frames at 600 tokens x 3584)
 feature_cache = True
-cache_dtype = "bfloat16"
+cache_dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 cache_in_memory = False
 cache_batch_size = 16
 batch_size = 4  # per GPU: global 32 = 4 x 8

@@ -117,6 +117,23 @@ def test_loss_equals_hand_computation_for_fixed_noise_and_t():
     assert abs(wrong - hand) > 1e-3
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """train_vla's gradient_checkpointing recomputes each DiT block in backward: same numbers (dropout included:
+    torch.utils.checkpoint replays the RNG state)."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        head = make_head(dropout=0.2)
+        head.gradient_checkpointing = checkpointing
+        feats, fmask, state, actions, amask = make_batch()
+        loss = head.loss(feats, fmask, state, actions, amask, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in head.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("kw", [{}, NO_SELF_ATTENTION], ids=["gr00t", "no_self_attention"])
 def test_masked_steps_and_padded_features_do_not_change_the_loss(kw):
     head = make_head(**kw)

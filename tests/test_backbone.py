@@ -282,3 +282,44 @@ def test_completion_text_stops_at_im_end_and_keeps_action_tokens():
     b = Backbone.tiny(fast_vocab_size=8)
     ids = [b.action_start_id, *b.fast_to_token_ids([3, 0]), b.action_end_id, b.eos_id, b.pad_id, b.action_start_id]
     assert b.completion_text(torch.tensor(ids)) == "<ACTION_START><act_3><act_0><ACTION_END>"
+
+
+def test_fp32_master_weights_keep_lr_1e_6_updates_that_bf16_storage_loses():
+    """The stages' mixed precision: fp32 master weights and AdamW state, bf16 compute (model.compute_context).
+    Ten AdamW steps at the paper's stage-2 lr (1e-6) move the weights as fp32 training does (the total
+    movement within 5%, direction cosine > 0.95); the same steps on bf16-stored weights are mostly rounded away
+    (bf16's step near a weight of 0.02 is ~1e-4 >> 1e-6)."""
+    from model import compute_context
+    torch.manual_seed(0)
+    base = Backbone.tiny(fast_vocab_size=V, seed=0, hidden_size=64, num_layers=2, num_heads=2, vision_depth=1, vision_hidden_size=32)
+    inputs = base.build_inputs(images(4), ["pick up", "the red block is", "go left", "open"],
+                               [bb_response for bb_response in ("left", "up up", "down", "the blue block")])
+    targets = torch.full_like(inputs["labels"], -100)
+    targets[:, :-1] = inputs["labels"][:, 1:]
+    start = {k: v.clone() for k, v in base.model.state_dict().items()}
+
+    def train(storage, compute):
+        bb = Backbone.tiny(fast_vocab_size=V, seed=0, hidden_size=64, num_layers=2, num_heads=2, vision_depth=1, vision_hidden_size=32)
+        bb.model.load_state_dict(start)
+        bb.to(storage)
+        name = "model.language_model.layers.0.mlp.up_proj.weight"
+        first = bb.model.state_dict()[name].float().clone()
+        params = [p for p in bb.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
+        for _ in range(10):
+            with compute_context(torch.device("cpu"), compute):
+                logp, _ = bb(inputs, targets)
+            (-logp.sum() / (targets != -100).sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return (bb.model.state_dict()[name].float() - first).flatten()
+
+    fp32 = train(torch.float32, torch.float32)
+    mixed = train(torch.float32, torch.bfloat16)
+    bf16 = train(torch.bfloat16, torch.bfloat16)
+    assert fp32.norm() > 1e-5  # ten steps of ~1e-6 each on 8192 weights
+    assert abs(mixed.norm() / fp32.norm() - 1) < 0.05 and F.cosine_similarity(mixed, fp32, dim=0) > 0.95
+    print(f"movement: fp32 {fp32.norm():.3e}, fp32 master + bf16 compute {mixed.norm():.3e} (cosine "
+          f"{F.cosine_similarity(mixed, fp32, dim=0):.3f}), bf16 storage {bf16.norm():.3e} (cosine {F.cosine_similarity(bf16, fp32, dim=0):.3f}, "
+          f"{(bf16 == 0).float().mean():.0%} of the weights never moved)")
+    assert bf16.norm() < 0.5 * fp32.norm() and (bf16 == 0).float().mean() > 0.5, (bf16.norm(), fp32.norm())
