@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from data import (MetricsLogger, NormStats, configure, ensure_synthetic_dataset, fast_target, format_reward,
+from data import (check_out_dir, check_step, check_compatible, MetricsLogger, NormStats, configure, ensure_synthetic_dataset, fast_target, format_reward,
                   global_batch_indices, open_robot_dataset, prefix_match_reward, recover_checkpoint, rng_state,
                   save_checkpoint, set_rng_state, setup_distributed)
 from model import (Backbone, FastTokenizer, clip_grad_norm, compute_context, fsdp_shard, full_state_dict,
@@ -105,7 +105,8 @@ eval_interval = 20
 eval_sampled = True  # also score one rollout-temperature sample per held-out prompt, at the start and the end
 save_interval = 30
 log_interval = 1
-resume = False
+resume = False  # continue the run in out_dir
+overwrite = False  # start again over a run in out_dir (its log and checkpoint are replaced)
 # -----------------------------------------------------------------------------
 
 
@@ -232,6 +233,7 @@ def all_sum(values, device):
 
 def main():
     config = configure(globals())
+    check_out_dir(out_dir, resume, overwrite)  # before anything is read or written
     rank, local_rank, world_size, device = setup_distributed()
     ddp, master = world_size > 1, rank == 0
     torch.manual_seed(seed + rank)  # sampling differs per rank; the data order does not
@@ -274,6 +276,7 @@ def main():
     robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
     train_set = open_robot_dataset(robot_data, path(robot_train), fast.horizon, **robot_kwargs)
     val_set = open_robot_dataset(robot_data, path(robot_val), fast.horizon, **robot_kwargs) if robot_val else None
+    check_compatible(train_set[0], path(robot_train), norm_stats, files["norm_stats.json"], fast, files["fast_tokenizer.json"])
     prompt_ids = np.sort(np.random.default_rng(seed).permutation(len(train_set))[:num_prompts]).tolist()
     # the same held-out prompts whatever the seed, so runs with different seeds are compared on one set
     eval_ids = np.sort(np.random.default_rng(1).permutation(len(val_set))[:num_eval_prompts]).tolist() if val_set else []
@@ -303,8 +306,10 @@ def main():
         load_optimizer_state_dict(backbone, optimizer, train_state["optimizer"])
         set_rng_state(train_state["rng"])
         step = train_state["step"]
-    elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    elif master:  # --overwrite (check_out_dir): the old run's log and resume state go
+        for name in ("metrics.jsonl", "train_state.pt"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
     if master:
         print(f"backbone {source}: {sum(p.numel() for p in params) / 1e6:.2f}M trained params; {len(prompt_ids)} RL prompts, "
@@ -447,7 +452,8 @@ def main():
                 sums["clipped_tokens"] += stats["clipped_tokens"]
                 sums["kl"] += stats["kl"]
                 sums["loss"] += loss.item()  # this rank's share of the update's loss (global normalizers)
-            grad_norms.append(clip_grad_norm(params, grad_clip))
+            grad_norms.append(clip_grad_norm(params, grad_clip))  # of the synchronized gradients: every rank's
+            check_step(step + 1, 0.0, grad_norms[-1], out_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         t_update = time.time() - t0 - t_generate - t_logprob

@@ -161,37 +161,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_TMP = ".checkpoint.tmp"  # inside out_dir: every rename below stays on one filesystem
+
+
 def save_checkpoint(out_dir: str, write) -> None:
-    """Write a checkpoint directory atomically: `write(tmp_dir)` fills a sibling temp dir, files
-    already in out_dir that the checkpoint does not rewrite (metrics.jsonl, ...) are carried over,
-    then the temp dir replaces out_dir by rename. A run killed at any point leaves either the old
-    or the new checkpoint; `recover_checkpoint` finishes a swap interrupted between the renames.
+    """Write a checkpoint into out_dir without ever leaving a mix of two: `write(tmp)` fills
+    out_dir/.checkpoint.tmp, a `.complete` marker commits it, then its files replace their namesakes in
+    out_dir one rename at a time. A run killed before the marker keeps the old checkpoint (the next start
+    discards the partial one); killed after it, the next start finishes the renames (recover_checkpoint).
+    Files the checkpoint does not write (metrics.jsonl, anything of the user's) are never touched.
     """
-    out_dir = os.path.normpath(out_dir)
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    tmp = os.path.join(out_dir, CHECKPOINT_TMP)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
-    if os.path.isdir(out_dir):
-        for name in os.listdir(out_dir):
-            if not os.path.exists(os.path.join(tmp, name)):
-                os.replace(os.path.join(out_dir, name), os.path.join(tmp, name))
-    open(os.path.join(tmp, ".complete"), "w").close()
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    os.remove(os.path.join(out_dir, ".complete"))
-    shutil.rmtree(old, ignore_errors=True)
+    with open(os.path.join(tmp, ".complete"), "w") as f:
+        f.write("\n".join(sorted(os.listdir(tmp))))
+        f.flush()
+        os.fsync(f.fileno())
+    recover_checkpoint(out_dir)
 
 
 def recover_checkpoint(out_dir: str) -> None:
-    """If a save was killed between its two renames, put the complete new checkpoint in place."""
-    out_dir = os.path.normpath(out_dir)
-    tmp = out_dir + ".tmp"
-    if not os.path.isdir(out_dir) and os.path.exists(os.path.join(tmp, ".complete")):
-        os.replace(tmp, out_dir)
-        os.remove(os.path.join(out_dir, ".complete"))
+    """Finish a committed checkpoint (its renames into out_dir), or discard an uncommitted one."""
+    tmp = os.path.join(out_dir, CHECKPOINT_TMP)
+    if not os.path.isdir(tmp):
+        return
+    if not os.path.exists(os.path.join(tmp, ".complete")):
+        shutil.rmtree(tmp)
+        return
+    for name in sorted(os.listdir(tmp)):
+        if name == ".complete":
+            continue
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):  # a subdirectory (train_vla's backbone/)
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    shutil.rmtree(tmp)
+
+
+def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """A stage never starts over a finished or running run by accident: an out_dir that holds metrics.jsonl
+    or train_state.pt needs --resume (continue it) or --overwrite (start again; its checkpoint files and log
+    are replaced). Nothing is changed when this raises."""
+    found = [n for n in ("train_state.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]
+    if found and not resume and not overwrite:
+        raise FileExistsError(f"out_dir={out_dir!r} already holds a run ({', '.join(found)}): pass --resume to continue "
+                              f"it, --overwrite to start again over it, or another --out_dir")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+def check_finite(x, where: str) -> None:
+    """Raise if an array holds NaN or inf, naming where and the first bad index."""
+    x = np.asarray(x)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+        raise ValueError(f"{where}: non-finite value {x[index]} at index {index} (shape {x.shape})")
+
+
+def check_step(step: int, loss: float, grad_norm: float, out_dir: str) -> None:
+    """Stop before an optimizer step with a non-finite loss or gradient: the last checkpoint in out_dir stays."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopped before the optimizer "
+                                 f"step, the last checkpoint in {out_dir} is kept (lower lr, check the data)")
 
 
 class MetricsLogger:
@@ -208,9 +241,22 @@ class MetricsLogger:
         if resume_step is not None and os.path.exists(path):
             # a killed run may have logged steps after its last checkpoint: drop them, they are redone
             with open(path) as f:
-                lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
+                raw = [l for l in f if l.strip()]
+            lines = []
+            for i, line in enumerate(raw):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(raw) - 1:  # a kill mid-write tears at most the last line
+                        print(f"warning: {path}: dropped a torn last line ({line.strip()[:80]!r})", file=sys.stderr)
+                        continue
+                    raise ValueError(f"{path}: line {i + 1} is not json: {line.strip()[:80]!r}") from None
+                if record.get("step", 0) <= resume_step:
+                    lines.append(line if line.endswith("\n") else line + "\n")
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
                 f.writelines(lines)
+            os.replace(tmp, path)
 
     def log(self, **metrics) -> None:
         if not self.enabled:
@@ -251,6 +297,8 @@ class NormStats:
         if actions.ndim != 2 or states.ndim != 2 or len(actions) == 0:
             raise ValueError(f"NormStats.compute: expected actions [N, D] and states [N, S] with N > 0, "
                              f"got {actions.shape} and {states.shape}")
+        check_finite(actions, "NormStats.compute: actions [step, dim]")
+        check_finite(states, "NormStats.compute: states [step, dim]")
         q = lambda x, p: np.quantile(x, p, axis=0)
         return cls(dict(action_q01=q(actions, 0.01), action_q99=q(actions, 0.99),
                         state_q01=q(states, 0.01), state_q99=q(states, 0.99)))
@@ -299,9 +347,24 @@ class NormStats:
             raise FileNotFoundError(f"{path}: norm stats not found (written next to every checkpoint)")
         with open(path) as f:
             try:
-                return cls(json.load(f))
+                stats = cls(json.load(f))
+                for k, v in stats.stats.items():
+                    check_finite(v, k)
+                return stats
             except (KeyError, ValueError) as e:
                 raise ValueError(f"{path}: {e}") from e
+
+
+def check_compatible(sample, data_path, norm_stats, stats_path, fast=None, fast_path=None):
+    """Before the first step: a dataset sample's action / state dims (and the FAST tokenizer's action dim and
+    horizon) must match the statistics and tokenizer a checkpoint brought along; both values in the message."""
+    actions, state = np.asarray(sample["actions"]), np.asarray(sample["state"])
+    for what, got, want in (("action", actions.shape[-1], norm_stats.action_dim), ("state", state.shape[-1], norm_stats.state_dim)):
+        if got != want:
+            raise ValueError(f"{data_path}: {got}-D {what}s, but {stats_path} normalizes {want}-D {what}s")
+    if fast is not None and (fast.action_dim, fast.horizon) != (actions.shape[-1], len(actions)):
+        raise ValueError(f"{data_path}: chunks of {len(actions)} x {actions.shape[-1]}-D actions, but {fast_path} encodes "
+                         f"{fast.horizon} x {fast.action_dim}")
 
 
 def chunk_at(actions, t, horizon):
@@ -357,7 +420,11 @@ class LiberoDataset:
         self.horizon, self.cameras, self.state_keys, self.flip_images = horizon, tuple(cameras), tuple(state_keys), flip_images
         self.episodes = []  # dicts: file, demo, instruction, actions [T, D], states [T, S]
         for path in self.files:
-            with h5py.File(path, "r") as f:
+            try:
+                f = h5py.File(path, "r")
+            except OSError as e:
+                raise OSError(f"{path}: cannot be read as hdf5 ({e})") from e
+            with f:
                 if "data" not in f:
                     raise KeyError(f"{path}: no 'data' group (expected the LIBERO layout data/demo_i/...)")
                 instruction = self._instruction(f["data"], path)
@@ -368,6 +435,7 @@ class LiberoDataset:
                     actions = np.asarray(g["actions"], dtype=np.float32)
                     if actions.ndim != 2 or actions.shape[1] != action_dim or len(actions) == 0:
                         raise ValueError(f"{where}/actions has shape {actions.shape}, expected [T, {action_dim}]")
+                    check_finite(actions, f"{where}/actions")
                     states = []
                     for key in self.state_keys:
                         if f"obs/{key}" not in g:
@@ -375,6 +443,7 @@ class LiberoDataset:
                         s = np.asarray(g["obs"][key], dtype=np.float32)
                         if s.ndim != 2 or len(s) != len(actions):
                             raise ValueError(f"{where}/obs/{key} has shape {s.shape}, expected [T={len(actions)}, k]")
+                        check_finite(s, f"{where}/obs/{key}")
                         states.append(s)
                     for cam in self.cameras:
                         shape = g["obs"][cam].shape if f"obs/{cam}" in g else None
@@ -493,7 +562,12 @@ class CalvinDataset:
                     action_mask=np.arange(t, t + self.horizon) <= end, episode=f"calvin:{start}-{end}", t=t - start)
 
     def _scan(self, key, step=1):
-        return np.stack([self.frame(t)[key] for s, e, _ in self.windows for t in range(s, e + 1, step)]).astype(np.float32)
+        frames = [t for s, e, _ in self.windows for t in range(s, e + 1, step)]
+        values = np.stack([self.frame(t)[key] for t in frames]).astype(np.float32)
+        if not np.isfinite(values).all():
+            t = frames[int(np.argwhere(~np.isfinite(values))[0][0])]
+            check_finite(self.frame(t)[key], os.path.join(self.root, f"episode_{t:0{self.digits}d}.npz") + f": {key}")
+        return values
 
     def all_actions(self, step=1):
         """Every annotated frame's action (step > 1 subsamples: a full ABC scan reads ~1M files)."""

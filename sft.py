@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from data import (ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, ensure_synthetic_dataset,
+from data import (check_out_dir, check_step, check_compatible, ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, ensure_synthetic_dataset,
                   fast_target, format_reward, global_batch_indices, open_robot_dataset, prefix_match_reward,
                   recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed, split_global_batch)
 from model import (Backbone, FastTokenizer, clip_grad_norm, compute_context, fsdp_shard, full_state_dict,
@@ -110,7 +110,8 @@ eval_reasoning_samples = 48  # held-out reasoning prompts decoded greedily (reas
 eval_extra_tokens = 16  # generation budget beyond the reference answer's length
 save_interval = 500  # and at the end
 log_interval = 50
-resume = False
+resume = False  # continue the run in out_dir
+overwrite = False  # start again over a run in out_dir (its log and checkpoint are replaced)
 # -----------------------------------------------------------------------------
 
 COMPONENTS = ("vqa", "reasoning", "action", "think_action")
@@ -182,6 +183,7 @@ def demonstrations(robot, max_steps, seed):
 
 def main():
     config = configure(globals())
+    check_out_dir(out_dir, resume, overwrite)  # before anything is read or written
     rank, local_rank, world_size, device = setup_distributed()
     ddp, master = world_size > 1, rank == 0
     torch.manual_seed(seed)
@@ -251,6 +253,8 @@ def main():
         fast = FastTokenizer.fit(norm_stats.normalize_actions(chunks), vocab_size=fast_vocab_size, scale=fast_scale)
         if master:
             print(f"fitted {fast} on {len(chunks)} chunks")
+    check_compatible(robot[0], path(robot_train), norm_stats, stats_path or "(the computed statistics)", fast,
+                     fast_path or "(the fitted tokenizer)")
     if (fast.horizon, fast.vocab_size) != (action_horizon, backbone.fast_vocab_size):
         raise ValueError(f"FAST tokenizer {fast_path or '(fitted)'}: horizon {fast.horizon}, vocab {fast.vocab_size}, but "
                          f"action_horizon={action_horizon} and the backbone has {backbone.fast_vocab_size} action tokens")
@@ -299,8 +303,10 @@ def main():
         changed = {k: (train_state["config"].get(k), v) for k, v in config.items() if train_state["config"].get(k) != v and k != "resume"}
         if master:
             print(f"resuming from {state_path} at step {step}" + (f"; changed keys (old, new): {changed}" if changed else ""))
-    elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh run starts a fresh log
+    elif master:  # --overwrite (check_out_dir): the old run's log and resume state go
+        for name in ("metrics.jsonl", "train_state.pt"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
     sizes = [len(train_sets[k]) if train_sets[k] is not None else 0 for k in COMPONENTS]
     if master:
@@ -430,12 +436,13 @@ def main():
                 loss, _ = loss_sum(inputs, model)
                 (loss * world_size / global_tokens).backward()  # DDP averages over processes, hence * world_size
             total += loss.item()
-        clip_grad_norm(params, grad_clip)
+        grad_norm = clip_grad_norm(params, grad_clip)  # of the synchronized gradients: the same on every rank
+        (total,) = all_sum(total)
+        train_loss = total / global_tokens
+        check_step(step + 1, train_loss, grad_norm, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        (total,) = all_sum(total)
-        train_loss = total / global_tokens
         logger.log(step=step, loss=round(train_loss, 6), lr=step_lr)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}")

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from data import (MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
+from data import (check_out_dir, check_step, MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
                   open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
                   split_global_batch)
 from model import VLA, ActionHead, Backbone, clip_grad_norm, compute_context, fsdp_shard, full_state_dict
@@ -93,7 +93,8 @@ eval_interval = 500  # and at the end; 0 = only at the end
 eval_samples = 256  # fixed held-out frames
 save_interval = 500
 log_interval = 100
-resume = False
+resume = False  # continue the run in out_dir
+overwrite = False  # start again over a run in out_dir (its log and checkpoint are replaced)
 # -----------------------------------------------------------------------------
 
 
@@ -217,6 +218,7 @@ def load_backbone(source, torch_dtype, attn_implementation=None):
 
 def main():
     config = configure(globals())
+    check_out_dir(out_dir, resume, overwrite)  # before anything is read or written
     rank, local_rank, world_size, device = setup_distributed()
     ddp, master = world_size > 1, rank == 0
     torch.manual_seed(seed)
@@ -277,8 +279,10 @@ def main():
         step = train_state["step"]
         if master:
             print(f"resuming from {state_path} at step {step}")
-    elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    elif master:  # --overwrite (check_out_dir): the old run's log and resume state go
+        for name in ("metrics.jsonl", "train_state.pt"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
     if master:
         print(f"backbone {init_from} (frozen, layer {feature_layer} of {backbone.num_layers}); head "
@@ -406,7 +410,8 @@ def main():
             total_t = torch.tensor([total], device=device)
             dist.all_reduce(total_t)
             total = total_t.item() / world_size
-        clip_grad_norm(params, grad_clip)
+        grad_norm = clip_grad_norm(params, grad_clip)
+        check_step(step + 1, total, grad_norm, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:

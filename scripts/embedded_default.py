@@ -12,6 +12,7 @@ here, so prefer running the stages by hand to change them.
 
     python scripts/embedded_default.py            # everything, ~15 min on 2 cores
     python scripts/embedded_default.py --skip_done  # reuse stages whose checkpoint already exists
+    python scripts/embedded_default.py --overwrite  # run every stage again over the earlier runs
 """
 
 import argparse
@@ -59,9 +60,11 @@ def fmt(x):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip_done", action="store_true", help="skip a stage whose out dir already holds a checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="run every stage again over its earlier run (each stage "
+                   "refuses an out dir that holds a run otherwise)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    seed = [f"--seed={args.seed}"]
+    seed = [f"--seed={args.seed}"] + (["--overwrite"] if args.overwrite else [])
     times = {}
     times["sft"] = run("sft.py", seed, "out/sft", args.skip_done)
     times["align_rl"] = run("align_rl.py", seed, "out/align_rl", args.skip_done)

@@ -240,6 +240,12 @@ def test_runs_and_writes_a_stage_checkpoint(stage1):
     for name in ("config.json", "fast_tokenizer.json", "norm_stats.json", "run_config.json", "train_state.pt"):
         assert os.path.isfile(root / "one" / name), name
     Backbone.from_pretrained(str(root / "one"))  # the next stage's loading path
+    # a resumed run reads the FAST tokenizer and statistics it copied into its own out_dir, not init_from's
+    r = run(root, data_dir, str(root / "moved_away"), "one", ["--resume", "--max_iters=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the finished run is not overwritten by accident: the same command without --resume / --overwrite refuses
+    r = run(root, data_dir, sft, "one")
+    assert r.returncode != 0 and "--resume to continue it, --overwrite to start again" in r.stderr
 
 
 def test_ddp_and_fsdp_on_two_processes_give_the_same_update_as_one(stage1):

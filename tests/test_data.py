@@ -269,3 +269,23 @@ def test_synthetic_conversations_load(synth):
     assert len(vqa) > 0 and len(reasoning) > 0
     r = reasoning[0]
     assert len(r["images"]) == 2 and r["response"].startswith("<think>") and r["response"].endswith("</answer>")
+
+
+def test_libero_reader_rejects_non_finite_numbers_and_unreadable_files(tmp_path):
+    """NaN / inf in a demonstration is an error when the dataset is opened, naming file, episode, key and index
+    (it would make the normalization statistics NaN and train a NaN head); so is a file that is not hdf5."""
+    path = tmp_path / "nan_demo.hdf5"
+    write_libero_file(path)
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/actions"][3, 5] = np.nan
+    with pytest.raises(ValueError, match=r"nan_demo.hdf5: data/demo_0/actions: non-finite value nan at index \(3, 5\)"):
+        LiberoDataset(str(path))
+    write_libero_file(path)
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/obs/gripper_states"][2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"data/demo_0/obs/gripper_states: non-finite value inf at index \(2, 1\)"):
+        LiberoDataset(str(path))
+    broken = tmp_path / "broken_demo.hdf5"
+    broken.write_bytes(b"not an hdf5 file")
+    with pytest.raises(OSError, match=r"broken_demo.hdf5: cannot be read as hdf5"):
+        LiberoDataset(str(broken))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (MetricsLogger, configure, cosine_lr, global_batch_indices, recover_checkpoint,
-                  rng_state, save_checkpoint, set_rng_state, split_global_batch)
+from data import (MetricsLogger, NormStats, check_compatible, check_out_dir, check_step, configure, cosine_lr,
+                  global_batch_indices, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, split_global_batch)
 
 
 def test_configure_overrides_files_and_types(tmp_path):
@@ -66,9 +66,21 @@ def test_rng_state_round_trip():
 def test_save_checkpoint_is_atomic_and_keeps_metrics(tmp_path):
     out = tmp_path / "run"
     log = MetricsLogger(str(out / "metrics.jsonl"))
-    save_checkpoint(str(out), lambda d: open(os.path.join(d, "w.txt"), "w").write("1"))
+    tmp_dirs = []
+
+    def write(value):
+        def fill(d):
+            tmp_dirs.append(d)
+            open(os.path.join(d, "w.txt"), "w").write(value)
+            os.makedirs(os.path.join(d, "backbone"), exist_ok=True)
+            open(os.path.join(d, "backbone", "b.txt"), "w").write(value)
+        return fill
+
+    save_checkpoint(str(out), write("1"))
     for step in (1, 2, 3):
         log.log(step=step, loss=1.0 / step)
+    inode = os.stat(out / "metrics.jsonl").st_ino
+    open(out / "mine.txt", "w").write("a file of the user's")
 
     def failing_write(d):
         open(os.path.join(d, "w.txt"), "w").write("2")
@@ -77,15 +89,55 @@ def test_save_checkpoint_is_atomic_and_keeps_metrics(tmp_path):
     with pytest.raises(RuntimeError):
         save_checkpoint(str(out), failing_write)
     assert (out / "w.txt").read_text() == "1"  # the old checkpoint is untouched
-    save_checkpoint(str(out), lambda d: open(os.path.join(d, "w.txt"), "w").write("3"))
-    assert (out / "w.txt").read_text() == "3"
+    recover_checkpoint(str(out))  # the next start discards the uncommitted temp dir
+    assert (out / "w.txt").read_text() == "1" and not (out / ".checkpoint.tmp").exists()
+    save_checkpoint(str(out), write("3"))
+    assert (out / "w.txt").read_text() == "3" and (out / "backbone" / "b.txt").read_text() == "3"
+    assert all(os.path.dirname(d) == str(out) for d in tmp_dirs)  # temp files live inside out_dir: one filesystem
+    # metrics.jsonl is never moved or rewritten by a save, nor is anything else the checkpoint does not write
+    assert os.stat(out / "metrics.jsonl").st_ino == inode and (out / "mine.txt").exists()
     assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2, 3]
-    assert not os.path.exists(str(out) + ".tmp") and not os.path.exists(str(out) + ".old")
-    # killed between the two renames: the complete temp dir is put in place
-    os.rename(out, str(out) + ".tmp")
-    open(str(out) + ".tmp/.complete", "w").close()
+    # killed after the commit marker, half-way through the renames: the next start finishes them
+    os.makedirs(out / ".checkpoint.tmp")
+    open(out / ".checkpoint.tmp" / "w.txt", "w").write("4")
+    open(out / ".checkpoint.tmp" / ".complete", "w").close()
     recover_checkpoint(str(out))
-    assert (out / "w.txt").read_text() == "3" and not (out / ".complete").exists()
-    # resuming from step 2 drops the lines a killed run logged after its checkpoint
+    assert (out / "w.txt").read_text() == "4" and not (out / ".checkpoint.tmp").exists()
+    # resuming from step 2 drops the lines a killed run logged after its checkpoint, and a torn last line
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
     MetricsLogger(str(out / "metrics.jsonl"), resume_step=2)
     assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo\n{"step": 4}\n')  # a torn line that is not the last: not a kill, an error
+    with pytest.raises(ValueError, match="line 3 is not json"):
+        MetricsLogger(str(out / "metrics.jsonl"), resume_step=4)
+
+
+def test_check_out_dir_refuses_a_run_without_resume_or_overwrite(tmp_path):
+    check_out_dir(str(tmp_path / "new"), resume=False, overwrite=False)  # nothing there: fine
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match=r"--resume to continue it, --overwrite to start again"):
+        check_out_dir(str(tmp_path), resume=False, overwrite=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == before
+    check_out_dir(str(tmp_path), resume=True, overwrite=False)
+    check_out_dir(str(tmp_path), resume=False, overwrite=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        check_out_dir(str(tmp_path), resume=True, overwrite=True)
+
+
+def test_non_finite_numbers_are_named_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"actions \[step, dim\]: non-finite value nan at index \(1, 2\)"):
+        NormStats.compute(np.array([[0.0, 1, 2], [1, 2, np.nan]]), np.zeros((2, 1)))
+    with pytest.raises(FloatingPointError, match=r"step 7: loss nan.*the last checkpoint in out/x is kept"):
+        check_step(7, float("nan"), 1.0, "out/x")
+    with pytest.raises(FloatingPointError, match=r"gradient norm inf"):
+        check_step(7, 0.5, float("inf"), "out/x")
+    check_step(7, 0.5, 1.0, "out/x")
+    stats = NormStats.compute(np.zeros((4, 7)), np.zeros((4, 8)))
+    check_compatible(dict(actions=np.zeros((5, 7)), state=np.zeros(8)), "d", stats, "n.json")
+    with pytest.raises(ValueError, match=r"d: 6-D actions, but n.json normalizes 7-D actions"):
+        check_compatible(dict(actions=np.zeros((5, 6)), state=np.zeros(8)), "d", stats, "n.json")
+    with pytest.raises(ValueError, match=r"d: 9-D states, but n.json normalizes 8-D states"):
+        check_compatible(dict(actions=np.zeros((5, 7)), state=np.zeros(9)), "d", stats, "n.json")
