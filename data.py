@@ -1219,10 +1219,18 @@ class ConversationDataset:
             raise FileNotFoundError(f"ConversationDataset: {path} not found")
         self.path, self.image_root = path, image_root or os.path.dirname(os.path.abspath(path))
         with open(path) as f:
-            if path.endswith(".jsonl"):
-                records = [json.loads(line) for line in f if line.strip()]
-            else:
-                records = json.load(f)
+            try:
+                if path.endswith(".jsonl"):
+                    records = []
+                    for n, line in enumerate(f, 1):
+                        where = f"line {n}"
+                        if line.strip():
+                            records.append(json.loads(line))
+                else:
+                    where = "the file"
+                    records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: {where} is not valid json ({e})") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a json list of records (or .jsonl), got {type(records).__name__}")
         self.samples = []

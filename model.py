@@ -382,6 +382,9 @@ class Backbone(nn.Module):
         """An HF Qwen-VL checkpoint (local directory or hub id). min_pixels / max_pixels (0 = the checkpoint's) bound
         the pixels of each image after Qwen's resize, i.e. its visual tokens (pixels / 28^2); the setting is saved
         with the processor, so later stages and evaluation see the same image sizes."""
+        looks_local = name_or_path.startswith(("/", ".", "~", "out/")) or name_or_path.count("/") != 1
+        if looks_local and not os.path.isdir(name_or_path):  # not a hub id "org/name": fail now, not after a hub look-up
+            raise FileNotFoundError(f"{name_or_path!r}: no such checkpoint directory (a hub id has the form 'org/name')")
         config = AutoConfig.from_pretrained(name_or_path)
         families = _supported_families()
         if config.model_type not in families:

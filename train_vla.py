@@ -150,6 +150,11 @@ class FeatureCache:
         if stored.get("fingerprint") != self.fingerprint or stored.get("num_samples") != self.num_samples:
             raise ValueError(f"{meta}: feature cache of another backbone / layer / dataset "
                              f"(fingerprint {stored.get('fingerprint')}, expected {self.fingerprint}); delete {self.dir}")
+        for k, size in enumerate(stored.get("shard_bytes", [])):  # a truncated or replaced shard is never reused
+            found = os.path.getsize(self.shard_path(k)) if os.path.isfile(self.shard_path(k)) else None
+            if found != size:
+                raise ValueError(f"{self.shard_path(k)}: {found} bytes, {meta} recorded {size}: the shard is damaged; "
+                                 f"delete {self.dir} to rebuild the cache")
         return all(os.path.isfile(self.shard_path(k)) for k in range(self.num_shards))
 
     def build(self, vla, dataset, rank, world_size, batch_size, torch_dtype, master):
@@ -179,7 +184,8 @@ class FeatureCache:
             dist.barrier()
         if master:
             with open(os.path.join(self.dir, "meta.json"), "w") as f:
-                json.dump(dict(fingerprint=self.fingerprint, num_samples=self.num_samples), f)
+                json.dump(dict(fingerprint=self.fingerprint, num_samples=self.num_samples,
+                               shard_bytes=[os.path.getsize(self.shard_path(k)) for k in range(self.num_shards)]), f)
         if world_size > 1:
             dist.barrier()
 

@@ -141,3 +141,17 @@ def test_non_finite_numbers_are_named_errors(tmp_path):
         check_compatible(dict(actions=np.zeros((5, 6)), state=np.zeros(8)), "d", stats, "n.json")
     with pytest.raises(ValueError, match=r"d: 9-D states, but n.json normalizes 8-D states"):
         check_compatible(dict(actions=np.zeros((5, 7)), state=np.zeros(9)), "d", stats, "n.json")
+
+
+def test_bad_paths_and_json_fail_at_once_with_the_file_named(tmp_path):
+    import time
+    from data import ConversationDataset
+    from model import Backbone
+    t0 = time.time()
+    for bad in (str(tmp_path / "nowhere"), "out/sft_typo", "./ckpt"):
+        with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+            Backbone.from_pretrained(bad)
+    assert time.time() - t0 < 5  # no hub look-up for something that is clearly a local path
+    (tmp_path / "vqa.jsonl").write_text('{"conversations": []}\n{"conversations": [\n')
+    with pytest.raises(ValueError, match=r"vqa.jsonl: line 2 is not valid json"):
+        ConversationDataset(str(tmp_path / "vqa.jsonl"))

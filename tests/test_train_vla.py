@@ -76,6 +76,13 @@ def test_feature_cache_meta_mismatch_is_an_error(tmp_path):
         json.dump(dict(fingerprint="b" * 64, num_samples=3), f)
     with pytest.raises(ValueError, match="feature cache of another backbone / layer / dataset"):
         cache.complete()
+    with open(os.path.join(cache.dir, "meta.json"), "w") as f:
+        json.dump(dict(fingerprint="a" * 64, num_samples=3, shard_bytes=[100, 50]), f)
+    for k, size in ((0, 100), (1, 20)):  # shard 1 was cut short
+        with open(cache.shard_path(k), "wb") as f:
+            f.write(b"x" * size)
+    with pytest.raises(ValueError, match=r"shard_00001.safetensors: 20 bytes, .* recorded 50: the shard is damaged"):
+        cache.complete()
 
 
 def test_backbone_is_bit_identical_after_training(setup, monkeypatch):
