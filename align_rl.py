@@ -125,11 +125,13 @@ def group_advantages(rewards, kind="grpo", eps=1e-6):
 
 def kl_penalty(logp, ref_logp, estimator="low_var_kl"):
     """Per-token estimate of KL(policy || reference) from tokens sampled by the policy: k3 = exp(ref - logp) -
-    (ref - logp) - 1 (Schulman 2020), unbiased and >= 0; low_var_kl clamps it to [-10, 10] (verl core_algos)."""
+    (ref - logp) - 1 (Schulman 2020), unbiased and >= 0; low_var_kl clamps the log-ratio to [-20, 20] and k3 to
+    [-10, 10] (EasyR1's verl/trainer/core_algos.py)."""
     log_ratio = ref_logp - logp
-    k3 = torch.exp(log_ratio) - log_ratio - 1
     if estimator == "low_var_kl":
-        return k3.clamp(-10, 10)
+        log_ratio = log_ratio.clamp(-20, 20)
+        return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10, 10)
+    k3 = torch.exp(log_ratio) - log_ratio - 1
     if estimator != "k3":
         raise ValueError(f"kl_estimator={estimator!r}: expected 'k3' or 'low_var_kl'")
     return k3

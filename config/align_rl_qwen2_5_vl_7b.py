@@ -4,7 +4,8 @@
 # prompts, update batch 128, constant lr 1e-6, all parameters trained, one epoch: 12_800 / 512 = 25 rollout steps
 # of 4 optimizer steps each. The paper trained with EasyR1; what it leaves open takes EasyR1's defaults
 # (hiyouga/EasyR1 examples/config.yaml): KL loss low_var_kl with coefficient 1e-2, AdamW betas (0.9, 0.999)
-# and weight decay 1e-2, responses up to 2048 tokens, temperature 1.0, gradient clipping 1.0.
+# and weight decay 1e-2, responses up to 2048 tokens, temperature 1.0, gradient clipping 1.0, log-probs at the
+# rollout temperature. The clip range is the paper's (0.2 both ways; EasyR1's default clip_ratio_high is 0.3).
 out_dir = "out/align_rl"
 init_from = "out/sft"
 # memory (bench/memory.py): FSDP2 shards fp32 master weights, gradients and AdamW state over the 8 GPUs, bf16
