@@ -432,6 +432,8 @@ def main():
                         b["old"][k] = logprobs(policy, inputs, b, rows)[0]
                     if reference is not None:
                         b["ref"][k] = logprobs(reference, inputs, b, rows)[0]
+        if fsdp and reference is not None:
+            reference.reshard()  # FSDP2 keeps a root gathered after forward; the reference is done until the next rollout
         backbone.train()
         t_logprob = time.time() - t0 - t_generate
         # ---- GRPO updates: rollout_batch / update_batch optimizer steps, each accumulated over micro-batches ----

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 # -----------------------------------------------------------------------------
@@ -316,6 +317,31 @@ def _save_hf(model, processor, out_dir, state_dict=None):
     processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(out_dir)
     processor.image_processor.save_pretrained(out_dir)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer for Backbone.sample: the prompt's keys / values repeated G times (each row's group shares
+    its prompt) in a buffer sized for the whole generation, so a new token is written in place; HF's DynamicLayer
+    concatenates the whole cache at every token (40% of the tiny model's sampling time)."""
+
+    def __init__(self, keys, values, repeat, capacity):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.length = keys.shape[-2]
+        self.buffers = []
+        for x in (keys, values):
+            buffer = x.new_empty(x.shape[0] * repeat, x.shape[1], capacity, x.shape[3])
+            buffer[:, :, :self.length] = x.repeat_interleave(repeat, 0)
+            self.buffers.append(buffer)
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        for buffer, x in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length:self.length + n] = x
+        self.length += n
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+        return self.keys, self.values
 
 
 class Backbone(nn.Module):
@@ -650,11 +676,12 @@ class Backbone(nn.Module):
             inner = self.model.model
             inner.rope_deltas = None  # set by the prompt's forward below (Qwen-VL's 3D rope offsets)
             out = self.model(**model_inputs, use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            cache.batch_repeat_interleave(group_size)
+            capacity = model_inputs["input_ids"].shape[1] + max_new_tokens
+            cache = Cache(layers=[_PreallocatedLayer(layer.keys, layer.values, group_size, capacity) for layer in out.cache.layers])
+            logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
+            del out
             rope_deltas = inner.rope_deltas.repeat_interleave(group_size, 0)
             mask = model_inputs["attention_mask"].repeat_interleave(group_size, 0)
-            logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
             suppress = torch.tensor(self.image_token_ids, device=logits.device)
             tokens, done = [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
             for _ in range(max_new_tokens):

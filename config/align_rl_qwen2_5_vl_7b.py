@@ -9,12 +9,12 @@
 out_dir = "out/align_rl"
 init_from = "out/sft"
 # memory (bench/memory.py): FSDP2 shards fp32 master weights, gradients and AdamW state over the 8 GPUs, bf16
-# compute; each decoder layer is recomputed in backward; log-probs in micro-batches of one group
+# compute; each decoder layer is recomputed in backward; log-probs in micro-batches of two groups
 dtype = "bfloat16"
 master_dtype = "float32"
 fsdp = True
 gradient_checkpointing = True
-micro_batch_size = 5  # sequences per forward / backward: one group (prompt ~ 2 images + 100 tokens, 2048 new)
+micro_batch_size = 10  # sequences per forward / backward: two groups (prompt ~ 2 images + 100 tokens, 2048 new)
 generation_batch = 16  # prompts per sampling call: 80 sequences of KV cache
 robot_data = "libero"  # or "bridge" as in the paper (data.open_bridge_dataset; see config/sft_bridge_qwen2_5_vl_7b.py)
 robot_train = ",".join(f"/data/LIBERO/datasets/{suite}" for suite in
