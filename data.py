@@ -1258,7 +1258,10 @@ class ConversationDataset:
             full = p if os.path.isabs(p) else os.path.join(self.image_root, p)
             if not os.path.isfile(full):
                 raise FileNotFoundError(f"{self.path}: record {s['record']}: image {full} not found")
-            images.append(np.asarray(Image.open(full).convert("RGB")))
+            try:
+                images.append(np.asarray(Image.open(full).convert("RGB")))
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: unreadable or truncated image data
+                raise OSError(f"{self.path}: record {s['record']}: image {full} cannot be decoded ({e})") from e
         return dict(images=images, prompt=s["prompt"], response=s["response"])
 
 

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -155,12 +156,17 @@ def mixture_batch(step, sizes, counts, seed):
 
 
 def check_images_exist(dataset):
-    """A json naming a missing image fails here, before training, not at the step that samples it."""
+    """A json naming a missing image, or a file that is not an image, fails here, before training, not at the step
+    that samples it (PIL reads only the header here; data cut short after it fails when decoded, naming the file)."""
     for s in dataset.samples:
         for p in s["image_paths"]:
             full = p if os.path.isabs(p) else os.path.join(dataset.image_root, p)
             if not os.path.isfile(full):
                 raise FileNotFoundError(f"{dataset.path}: record {s['record']}: image {full} not found")
+            try:
+                Image.open(full).close()
+            except OSError as e:
+                raise OSError(f"{dataset.path}: record {s['record']}: {full} is not an image ({e})") from e
 
 
 def demonstrations(robot, max_steps, seed):

@@ -243,7 +243,7 @@ def test_init_from_a_saved_hf_backbone(synth, tmp_path):
     assert os.path.isfile(os.path.join(out, "fast_tokenizer.json"))
 
 
-@pytest.mark.parametrize("case", ["missing_path", "empty_mixture", "missing_image"])
+@pytest.mark.parametrize("case", ["missing_path", "empty_mixture", "missing_image", "not_an_image", "rerun_without_resume"])
 def test_bad_inputs_fail_before_training(case, synth, tmp_path):
     data_dir = synth
     args = []
@@ -251,6 +251,23 @@ def test_bad_inputs_fail_before_training(case, synth, tmp_path):
         args, expect = [f"--robot_train={tmp_path}/nowhere"], "nowhere"
     elif case == "empty_mixture":
         args, expect = ["--vqa_weight=0.0", "--reasoning_weight=0.0", "--action_weight=0.0", "--think_action_weight=0.0"], "empty mixture"
+    elif case == "not_an_image":  # the 3rd record's image is a text file
+        with open(os.path.join(synth, "reasoning_train.json")) as f:
+            records = json.load(f)
+        (tmp_path / "fake.png").write_text("not a png")
+        records[2]["image"] = [str(tmp_path / "fake.png")]
+        bad = str(tmp_path / "reasoning_train.json")
+        with open(bad, "w") as f:
+            json.dump(records, f)
+        args, expect = [f"--reasoning_train={bad}", f"--image_root={synth}"], "record 2: " + str(tmp_path / "fake.png") + " is not an image"
+    elif case == "rerun_without_resume":  # an out_dir holding a finished run is never overwritten by accident
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        proc = sft(*SIZES, f"--data_dir={data_dir}", f"--out_dir={out}", check=False)
+        assert proc.returncode != 0 and "--resume to continue it, --overwrite to start again" in proc.stderr
+        assert os.listdir(out) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+        return
     else:  # a copy of the reasoning json whose 3rd record names an image that does not exist
         with open(os.path.join(synth, "reasoning_train.json")) as f:
             records = json.load(f)
