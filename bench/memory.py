@@ -3,7 +3,7 @@ parameters, gradients, optimizer state, activations, logits and other (FSDP gath
 cache, reference model, EMA), under DDP / DDP+ckpt / FSDP / FSDP+ckpt. GB = 2^30 bytes; a stage fits if its
 peak is <= 80 GB minus a 10% reserve (CUDA context, NCCL buffers, allocator fragmentation): 72 GB.
 
-    python bench/memory.py [--micro_batch_size=N] [--rollout_micro_batch=N] [--max_new_tokens=N] [--no_check]   # ~2.5 min
+    python bench/memory.py [--micro_batch_size=N] [--rollout_micro_batch=N] [--max_new_tokens=N] [--no_check]   # 3-6 min on 2 cores
 
 Where the numbers come from:
 - parameters: Qwen2.5-VL-3B/7B and Qwen3-VL-8B built on the meta device from the hub config.json values written
