@@ -6,7 +6,7 @@ reward is r = (r_format + r_action) / 2 with r_action the prefix match of the ge
 demonstration's (data.prefix_match_reward); advantages are normalized within each group; the policy takes
 clipped-ratio steps, optionally with a KL penalty to the frozen start model. Written out here, no RL framework.
 
-    python align_rl.py                                    # embedded default: from out/sft, CPU, ~5 min on 2 cores
+    python align_rl.py                                    # embedded default: from out/sft, CPU, ~4 min on 2 cores
     torchrun --nproc_per_node=8 align_rl.py config/align_rl_qwen2_5_vl_7b.py --fsdp=True   # the paper's recipe
 
 One rollout step: sample G completions per prompt (Backbone.sample: each prompt and its images encoded once,
@@ -41,7 +41,7 @@ from data import (check_out_dir, check_step, check_compatible, MetricsLogger, No
                   global_batch_indices, open_robot_dataset, prefix_match_reward, recover_checkpoint, rng_state,
                   save_checkpoint, set_rng_state, setup_distributed)
 from model import (Backbone, FastTokenizer, clip_grad_norm, compute_context, fsdp_shard, full_state_dict,
-                   load_optimizer_state_dict, optimizer_state_dict)
+                   load_optimizer_state_dict, optimizer_state_dict, weights_fingerprint)
 
 # -----------------------------------------------------------------------------
 # config: these defaults ARE the embedded tiny CPU recipe (config/align_rl_qwen2_5_vl_7b.py: the paper's)
@@ -92,7 +92,7 @@ loss_norm = "token"  # "token": sum over the update batch's tokens / their count
 beta = 0.0  # KL-penalty coefficient to the frozen start model (EasyR1: 1e-2); 0 = no reference model is loaded
 kl_estimator = "low_var_kl"  # "k3" (Schulman 2020) | "low_var_kl": k3 clamped to [-10, 10] (EasyR1 / verl)
 # optimization: the paper's constant lr 1e-6 moves a 7B; a 2M-parameter model needs ~1000x more to move in minutes
-max_iters = 40  # rollout steps (~5 min on 2 cores; 60 gave no more: README)
+max_iters = 40  # rollout steps (~4 min on 2 cores; 60 gave no more: README)
 lr = 2e-5
 betas = (0.9, 0.99)  # the tiny recipe's; EasyR1's (0.9, 0.999) in the paper config
 weight_decay = 0.0
@@ -266,10 +266,11 @@ def main():
     norm_stats = NormStats.load(files["norm_stats.json"])
     backbone = Backbone.from_pretrained(source, fast_vocab_size=fast.vocab_size, dtype=getattr(torch, master_dtype),
                                         attn_implementation=attn_implementation)
-    reference = None
+    reference, reference_fingerprint = None, None
     if beta > 0:  # the frozen start model, stored in the compute dtype
         reference = Backbone.from_pretrained(init_from, fast_vocab_size=fast.vocab_size, dtype=compute_dtype,
                                              attn_implementation=attn_implementation).requires_grad_(False).eval()
+        reference_fingerprint = weights_fingerprint(reference.state_dict())
 
     # ---- prompts: a seeded subset of the demonstrations (the paper: 12.8K) and held-out ones ----
     if data_dir == "out/data":
@@ -308,10 +309,9 @@ def main():
         load_optimizer_state_dict(backbone, optimizer, train_state["optimizer"])
         set_rng_state(train_state["rng"])
         step = train_state["step"]
-    elif master:  # --overwrite (check_out_dir): the old run's log and resume state go
-        for name in ("metrics.jsonl", "train_state.pt"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+        if train_state.get("reference") != reference_fingerprint:  # the KL reference is read from init_from again
+            raise ValueError(f"--resume: init_from={init_from!r} is not the model this run started from (its KL reference; "
+                             f"weights fingerprint {reference_fingerprint}, the run recorded {train_state.get('reference')})")
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
     if master:
         print(f"backbone {source}: {sum(p.numel() for p in params) / 1e6:.2f}M trained params; {len(prompt_ids)} RL prompts, "
@@ -386,7 +386,8 @@ def main():
                 shutil.copy(path, os.path.join(tmp, name))
             with open(os.path.join(tmp, "run_config.json"), "w") as f:
                 json.dump(config, f, indent=1)
-            torch.save(dict(step=step, optimizer=optim, rng=rng_state(), config=config), os.path.join(tmp, "train_state.pt"))
+            torch.save(dict(step=step, optimizer=optim, rng=rng_state(), config=config, reference=reference_fingerprint),
+                       os.path.join(tmp, "train_state.pt"))
         if master:
             save_checkpoint(out_dir, write)
         if ddp:

@@ -174,7 +174,17 @@ def save_checkpoint(out_dir: str, write) -> None:
     tmp = os.path.join(out_dir, CHECKPOINT_TMP)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+        for root, _, names in os.walk(tmp):  # on disk before the marker commits them (a power loss, not only a kill)
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either (torch.save raises RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(out_dir).free / 2 ** 30
+        raise OSError(f"saving a checkpoint into {tmp} failed ({e}); {free:.1f} GB free there (a save needs room for "
+                      f"a second copy of the checkpoint); the previous checkpoint in {out_dir} is intact") from e
     with open(os.path.join(tmp, ".complete"), "w") as f:
         f.write("\n".join(sorted(os.listdir(tmp))))
         f.flush()
@@ -221,20 +231,24 @@ def check_finite(x, where: str) -> None:
 
 
 def check_step(step: int, loss: float, grad_norm: float, out_dir: str) -> None:
-    """Stop before an optimizer step with a non-finite loss or gradient: the last checkpoint in out_dir stays."""
+    """Stop before an optimizer step with a non-finite loss or gradient: nothing more is saved over out_dir."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise FloatingPointError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopped before the optimizer "
-                                 f"step, the last checkpoint in {out_dir} is kept (lower lr, check the data)")
+                                 f"step and before any further save. The checkpoint in {out_dir} is the last one saved, "
+                                 f"before this step; it may already hold diverging weights if the loss was climbing "
+                                 f"(see metrics.jsonl). Lower lr, check the data")
 
 
 class MetricsLogger:
     """One json object per line in `path` (a plot or a notebook reads it); only rank 0 writes.
 
-    The file is opened per line so it survives the checkpoint directory swap above.
+    The file is opened per line (append-only). A fresh run (resume_step None) over an earlier run's log (the
+    user's --overwrite) replaces it at its first line, i.e. once every check before training has passed: a run that
+    fails before that leaves the earlier run's log in place.
     """
 
     def __init__(self, path: str, enabled: bool = True, resume_step: int | None = None):
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.replace = path, enabled, resume_step is None
         if not enabled:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -262,8 +276,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         metrics.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a") as f:
+        with open(self.path, "w" if self.replace else "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.replace = False
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ DiT action head and the VLA that joins them. Read top to bottom; each section st
     VLA             frozen backbone layer features -> ActionHead              PAPER.md "Stage 3"
 """
 
+import hashlib
 import json
 import math
 import os
@@ -411,6 +412,10 @@ class Backbone(nn.Module):
         looks_local = name_or_path.startswith(("/", ".", "~", "out/")) or name_or_path.count("/") != 1
         if looks_local and not os.path.isdir(name_or_path):  # not a hub id "org/name": fail now, not after a hub look-up
             raise FileNotFoundError(f"{name_or_path!r}: no such checkpoint directory (a hub id has the form 'org/name')")
+        from data import CHECKPOINT_TMP
+        if os.path.exists(os.path.join(name_or_path, CHECKPOINT_TMP, ".complete")):  # data.save_checkpoint's commit marker
+            raise RuntimeError(f"{name_or_path}: a checkpoint was being moved into place when its run stopped, so the files "
+                               "are of two steps: start that run again with --resume (it finishes the move), then load it")
         config = AutoConfig.from_pretrained(name_or_path)
         families = _supported_families()
         if config.model_type not in families:
@@ -789,6 +794,18 @@ def full_state_dict(module):
         if rank == 0:
             out[name] = tensor.detach().cpu()
     return out
+
+
+def weights_fingerprint(state_dict):
+    """A content hash of a module's weights: every tensor's name, shape, dtype and a strided sample of its
+    values (cheap even for a 7B on GPU, and any fine-tuning changes the sampled values)."""
+    h = hashlib.sha256()
+    for name, p in sorted(state_dict.items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)].float().cpu().numpy()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()
 
 
 def optimizer_state_dict(model, optimizer):

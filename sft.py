@@ -309,10 +309,6 @@ def main():
         changed = {k: (train_state["config"].get(k), v) for k, v in config.items() if train_state["config"].get(k) != v and k != "resume"}
         if master:
             print(f"resuming from {state_path} at step {step}" + (f"; changed keys (old, new): {changed}" if changed else ""))
-    elif master:  # --overwrite (check_out_dir): the old run's log and resume state go
-        for name in ("metrics.jsonl", "train_state.pt"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
     sizes = [len(train_sets[k]) if train_sets[k] is not None else 0 for k in COMPONENTS]
     if master:

@@ -37,7 +37,7 @@ import data
 from data import (check_out_dir, check_step, MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
                   open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
                   split_global_batch)
-from model import VLA, ActionHead, Backbone, clip_grad_norm, compute_context, fsdp_shard, full_state_dict
+from model import VLA, ActionHead, Backbone, clip_grad_norm, compute_context, fsdp_shard, full_state_dict, weights_fingerprint
 
 # -----------------------------------------------------------------------------
 # config: these defaults ARE the embedded tiny CPU recipe (config/vla_qwen2_5_vl_7b_libero.py: the paper's)
@@ -98,18 +98,6 @@ overwrite = False  # start again over a run in out_dir (its log and checkpoint a
 # -----------------------------------------------------------------------------
 
 
-def weights_fingerprint(state_dict):
-    """A content hash of a module's weights: every tensor's name, shape, dtype and a strided sample of its
-    values (cheap even for a 7B on GPU, and any fine-tuning changes the sampled values)."""
-    h = hashlib.sha256()
-    for name, p in sorted(state_dict.items()):
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)].float().cpu().numpy()
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(sample.tobytes())
-    return h.hexdigest()
-
-
 def dataset_fingerprint(dataset):
     files = getattr(dataset, "files", None) or [dataset.root]
     return [(os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
@@ -150,12 +138,20 @@ class FeatureCache:
         if stored.get("fingerprint") != self.fingerprint or stored.get("num_samples") != self.num_samples:
             raise ValueError(f"{meta}: feature cache of another backbone / layer / dataset "
                              f"(fingerprint {stored.get('fingerprint')}, expected {self.fingerprint}); delete {self.dir}")
-        for k, size in enumerate(stored.get("shard_bytes", [])):  # a truncated or replaced shard is never reused
-            found = os.path.getsize(self.shard_path(k)) if os.path.isfile(self.shard_path(k)) else None
-            if found != size:
-                raise ValueError(f"{self.shard_path(k)}: {found} bytes, {meta} recorded {size}: the shard is damaged; "
+        sizes = stored.get("shard_bytes")
+        for k in range(self.num_shards):  # a truncated or replaced shard is never reused
+            path = self.shard_path(k)
+            if not os.path.isfile(path):
+                return False
+            if sizes is not None and os.path.getsize(path) != sizes[k]:
+                raise ValueError(f"{path}: {os.path.getsize(path)} bytes, {meta} recorded {sizes[k]}: the shard is damaged; "
                                  f"delete {self.dir} to rebuild the cache")
-        return all(os.path.isfile(self.shard_path(k)) for k in range(self.num_shards))
+            if sizes is None:  # a cache written before sizes were recorded: safetensors checks its header covers the file
+                try:
+                    safe_open(path, framework="pt")
+                except Exception as e:
+                    raise ValueError(f"{path}: unreadable ({e}); delete {self.dir} to rebuild the cache") from e
+        return True
 
     def build(self, vla, dataset, rank, world_size, batch_size, torch_dtype, master):
         os.makedirs(self.dir, exist_ok=True)
@@ -285,10 +281,6 @@ def main():
         step = train_state["step"]
         if master:
             print(f"resuming from {state_path} at step {step}")
-    elif master:  # --overwrite (check_out_dir): the old run's log and resume state go
-        for name in ("metrics.jsonl", "train_state.pt"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=master, resume_step=step if resume else None)
     if master:
         print(f"backbone {init_from} (frozen, layer {feature_layer} of {backbone.num_layers}); head "

@@ -86,10 +86,12 @@ def test_save_checkpoint_is_atomic_and_keeps_metrics(tmp_path):
         open(os.path.join(d, "w.txt"), "w").write("2")
         raise RuntimeError("killed mid-write")
 
-    with pytest.raises(RuntimeError):
-        save_checkpoint(str(out), failing_write)
-    assert (out / "w.txt").read_text() == "1"  # the old checkpoint is untouched
-    recover_checkpoint(str(out))  # the next start discards the uncommitted temp dir
+    with pytest.raises(OSError, match=r"saving a checkpoint into .*failed \(killed mid-write\); .* GB free there.*is intact"):
+        save_checkpoint(str(out), failing_write)  # a failed write (a full disk) is named, its partial copy removed
+    assert (out / "w.txt").read_text() == "1" and not (out / ".checkpoint.tmp").exists()  # the old checkpoint is untouched
+    os.makedirs(out / ".checkpoint.tmp")  # a kill in the middle of a write leaves an uncommitted copy:
+    (out / ".checkpoint.tmp" / "w.txt").write_text("2")
+    recover_checkpoint(str(out))  # the next start discards it
     assert (out / "w.txt").read_text() == "1" and not (out / ".checkpoint.tmp").exists()
     save_checkpoint(str(out), write("3"))
     assert (out / "w.txt").read_text() == "3" and (out / "backbone" / "b.txt").read_text() == "3"
@@ -130,7 +132,7 @@ def test_check_out_dir_refuses_a_run_without_resume_or_overwrite(tmp_path):
 def test_non_finite_numbers_are_named_errors(tmp_path):
     with pytest.raises(ValueError, match=r"actions \[step, dim\]: non-finite value nan at index \(1, 2\)"):
         NormStats.compute(np.array([[0.0, 1, 2], [1, 2, np.nan]]), np.zeros((2, 1)))
-    with pytest.raises(FloatingPointError, match=r"step 7: loss nan.*the last checkpoint in out/x is kept"):
+    with pytest.raises(FloatingPointError, match=r"step 7: loss nan.*before any further save. The checkpoint in out/x is the last one saved"):
         check_step(7, float("nan"), 1.0, "out/x")
     with pytest.raises(FloatingPointError, match=r"gradient norm inf"):
         check_step(7, 0.5, float("inf"), "out/x")
@@ -152,6 +154,10 @@ def test_bad_paths_and_json_fail_at_once_with_the_file_named(tmp_path):
         with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
             Backbone.from_pretrained(bad)
     assert time.time() - t0 < 5  # no hub look-up for something that is clearly a local path
+    os.makedirs(tmp_path / "ckpt" / ".checkpoint.tmp")
+    (tmp_path / "ckpt" / ".checkpoint.tmp" / ".complete").write_text("")  # a run stopped half-way through a commit
+    with pytest.raises(RuntimeError, match="files are of two steps: start that run again with --resume"):
+        Backbone.from_pretrained(str(tmp_path / "ckpt"))
     (tmp_path / "vqa.jsonl").write_text('{"conversations": []}\n{"conversations": [\n')
     with pytest.raises(ValueError, match=r"vqa.jsonl: line 2 is not valid json"):
         ConversationDataset(str(tmp_path / "vqa.jsonl"))

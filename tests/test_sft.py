@@ -267,6 +267,9 @@ def test_bad_inputs_fail_before_training(case, synth, tmp_path):
         proc = sft(*SIZES, f"--data_dir={data_dir}", f"--out_dir={out}", check=False)
         assert proc.returncode != 0 and "--resume to continue it, --overwrite to start again" in proc.stderr
         assert os.listdir(out) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+        # --overwrite replaces the earlier log only once training starts: a run that fails first leaves it alone
+        proc = sft(*SIZES, f"--data_dir={data_dir}", f"--out_dir={out}", "--overwrite", f"--robot_train={tmp_path}/nowhere", check=False)
+        assert proc.returncode != 0 and (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
         return
     else:  # a copy of the reasoning json whose 3rd record names an image that does not exist
         with open(os.path.join(synth, "reasoning_train.json")) as f:
