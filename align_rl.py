@@ -398,6 +398,8 @@ def main():
         logger.log(step=0, **metrics)
         if master:
             print("eval step 0 (the SFT model): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if master and step >= max_iters:
+        print(f"{out_dir} is already at step {step} of max_iters={max_iters}: nothing to train (raise --max_iters to go on)")
     bar = tqdm(total=max_iters, initial=step, disable=not master, desc="align_rl", dynamic_ncols=True)
     per_rank_update = update_batch // world_size
     while step < max_iters:

@@ -276,8 +276,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         metrics.setdefault("time", round(time.time(), 3))
-        with open(self.path, "w" if self.replace else "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        try:
+            with open(self.path, "w" if self.replace else "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:  # e.g. a full disk: say which file
+            raise OSError(f"{self.path}: cannot write the metrics line of step {metrics.get('step')} ({e})") from e
         self.replace = False
 
 

@@ -248,6 +248,7 @@ def main():
     demos = demonstrations(robot, fast_fit_max_chunks, seed) if not (stats_path and fast_path) else None
     if stats_path:
         norm_stats = NormStats.load(stats_path)
+        check_compatible(robot[0], path(robot_train), norm_stats, stats_path)  # before the FAST fit uses them
     else:
         norm_stats = NormStats.compute(np.concatenate([a for a, _ in demos]), np.concatenate([s for _, s in demos]))
     if fast_path:
@@ -420,6 +421,8 @@ def main():
     # ---- training loop ----
     if eval_interval and step == 0:
         run_eval(0)  # the untrained level
+    if master and step >= max_iters:
+        print(f"{out_dir} is already at step {step} of max_iters={max_iters}: nothing to train (raise --max_iters to go on)")
     bar = tqdm(total=max_iters, initial=step, disable=not master, desc="sft", dynamic_ncols=True)
     t_log = time.time()
     while step < max_iters:

@@ -380,6 +380,8 @@ def main():
     if step == 0 and master and val_features:
         logger.log(step=0, **evaluate(head, with_floor=True))
     warmup_iters = math.ceil(warmup_frac * max_iters)
+    if master and step >= max_iters:
+        print(f"{out_dir} is already at step {step} of max_iters={max_iters}: nothing to train (raise --max_iters to go on)")
     bar = tqdm(total=max_iters, initial=step, disable=not master, desc="train_vla", dynamic_ncols=True)
     t_log = time.time()
     while step < max_iters:
