@@ -61,6 +61,7 @@ robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False
 prompt_template = data.REASONING_ACTION_PROMPT
+prompt_images = True  # False: the instruction alone, no camera images (an ablation; the bench's text-only workload)
 num_prompts = 512  # the RL subset of the demonstrations (paper: 12.8K, < 1% of the SFT data)
 num_eval_prompts = 256  # held-out prompts, decoded greedily (64 left a standard error of ~0.04 on the reward)
 eval_batch_size = 32
@@ -319,7 +320,7 @@ def main():
               f"{' (FSDP)' if fsdp else ' (DDP)' if ddp else ''}")
 
     def prompt_inputs(samples):
-        return backbone.build_inputs([s["images"] for s in samples],
+        return backbone.build_inputs([s["images"] if prompt_images else [] for s in samples],
                                      [prompt_template.format(instruction=s["instruction"]) for s in samples])
 
     def rollout(samples, keys, step):

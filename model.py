@@ -607,6 +607,15 @@ class Backbone(nn.Module):
             out["image_grid_thw"] = torch.cat([grid[a:b] for a, b in zip(starts[:-1], starts[1:]) for _ in range(image_repeat)])
         return out
 
+    @staticmethod
+    def _text_positions(model_inputs):
+        """Text-only inputs: positions counted from each row's first real token, as generate() does (Qwen-VL's forward
+        would count from the left edge, padding included), so sampling and scoring see the same positions."""
+        if "image_grid_thw" not in model_inputs:
+            positions = (model_inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            model_inputs["position_ids"] = positions[None].expand(3, -1, -1)
+        return model_inputs
+
     # ---- model calls ----
     def forward(self, inputs, targets, temperature=1.0, suppress_image_tokens=False, with_entropy=False, chunk_tokens=1024,
                 image_repeat=1):
@@ -616,7 +625,7 @@ class Backbone(nn.Module):
         (token_logprobs). suppress_image_tokens scores the distribution generate() samples from, which never
         emits image / vision ids. image_repeat: see _model_inputs. This is the module's forward so that DDP's and
         FSDP's hooks run around it."""
-        model_inputs = self._model_inputs(inputs, image_repeat)
+        model_inputs = self._text_positions(self._model_inputs(inputs, image_repeat))
         hidden = self.model.model(**model_inputs, use_cache=False).last_hidden_state
         targets = targets.to(hidden.device)
         scored = targets != -100
@@ -675,7 +684,7 @@ class Backbone(nn.Module):
         prompt's KV cache is repeated G times (the prefix sharing of vLLM / SGLang, which EasyR1 samples with);
         decoding stops when every row has emitted <|im_end|>."""
         with self.gathered():
-            model_inputs = self._model_inputs(inputs)
+            model_inputs = self._text_positions(self._model_inputs(inputs))
             if (model_inputs["attention_mask"][:, -1] == 0).any():
                 raise ValueError("sample needs left-padded inputs: build_inputs(..., responses=None)")
             inner = self.model.model
@@ -685,7 +694,7 @@ class Backbone(nn.Module):
             cache = Cache(layers=[_PreallocatedLayer(layer.keys, layer.values, group_size, capacity) for layer in out.cache.layers])
             logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
             del out
-            rope_deltas = inner.rope_deltas.repeat_interleave(group_size, 0)
+            rope_deltas = 0 if inner.rope_deltas is None else inner.rope_deltas.repeat_interleave(group_size, 0)
             mask = model_inputs["attention_mask"].repeat_interleave(group_size, 0)
             suppress = torch.tensor(self.image_token_ids, device=logits.device)
             tokens, done = [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)

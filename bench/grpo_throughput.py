@@ -2,7 +2,7 @@
 workload under TRL's GRPOTrainer. Prints one table; the last line is `ratio_vs_trl: X` (TRL's s/step / ours).
 
     python bench/grpo_throughput.py                     # align_rl.py alone
-    python bench/grpo_throughput.py --compare_trl       # needs TRL, installed for this bench only:
+    python bench/grpo_throughput.py --compare_trl [--text_only]   # needs TRL, installed for this bench only:
         pip install "trl==1.16.0" "torch==2.13.0"        # (keeps the CPU torch; never in requirements.txt)
 
 The workload (the issue's): the tiny vision-language backbone (Backbone.tiny, ~4.5M parameters), prompts of two
@@ -52,7 +52,7 @@ def prepare(work, horizon=8, fast_vocab_size=16):
     return data_dir, ckpt
 
 
-def ours(work, data_dir, ckpt, prompts, group_size, new_tokens, temperature, steps, threads=2):
+def ours(work, data_dir, ckpt, prompts, group_size, new_tokens, temperature, steps, text_only=False, threads=2):
     """align_rl.py as a subprocess; the mean per-step timings after the first step."""
     out = os.path.join(work, "align_rl")
     n = prompts * group_size
@@ -60,7 +60,7 @@ def ours(work, data_dir, ckpt, prompts, group_size, new_tokens, temperature, ste
             f"--group_size={group_size}", f"--max_new_tokens={new_tokens}", f"--temperature={temperature}",
             f"--rollout_batch={prompts}", f"--update_batch={prompts}", f"--generation_batch={prompts}",
             f"--micro_batch_size={n}", f"--max_iters={steps + 1}", "--num_eval_prompts=0", f"--save_interval={10 ** 9}",
-            "--num_prompts=64", "--lr=1e-6", "--overwrite"]
+            "--num_prompts=64", "--lr=1e-6", "--overwrite", f"--prompt_images={not text_only}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -78,7 +78,7 @@ def rl_prompts(data_dir, prompts, steps, num_prompts=64, seed=0):
     return [s["images"] for s in samples], [data.REASONING_ACTION_PROMPT.format(instruction=s["instruction"]) for s in samples]
 
 
-def trl(work, data_dir, ckpt, prompts, group_size, new_tokens, temperature, steps):
+def trl(work, data_dir, ckpt, prompts, group_size, new_tokens, temperature, steps, text_only=False):
     """TRL's GRPOTrainer on the same checkpoint, prompts (with their images) and settings: one optimizer step =
     one generate call for prompts x G completions, one clipped-ratio forward / backward, one AdamW step (lr 1e-6,
     betas (0.9, 0.99), clip 1.0, as align_rl.py's tiny default), beta 0, num_iterations 1 (TRL then skips the
@@ -92,7 +92,8 @@ def trl(work, data_dir, ckpt, prompts, group_size, new_tokens, temperature, step
     images, texts = rl_prompts(data_dir, prompts, steps + 1)
     backbone = Backbone.from_pretrained(ckpt, dtype=torch.float32)
     backbone.freeze_vision_blocks()
-    rows = [{"prompt": [{"role": "user", "content": t}], "images": [Image.fromarray(im) for im in ims]} for ims, t in zip(images, texts)]
+    rows = [{"prompt": [{"role": "user", "content": t}]} | ({} if text_only else {"images": [Image.fromarray(im) for im in ims]})
+            for ims, t in zip(images, texts)]
     rng = np.random.default_rng(0)
     n = prompts * group_size
     args = GRPOConfig(
@@ -150,16 +151,18 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare_trl", action="store_true")
+    p.add_argument("--text_only", action="store_true", help="prompts without their images (align_rl --prompt_images=False)")
     p.add_argument("--work", default="out/bench/grpo_throughput")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
     data_dir, ckpt = prepare(args.work)
     common = (args.work, data_dir, ckpt, args.prompts, args.group_size, args.new_tokens, args.temperature, args.steps)
-    rows = {"align_rl.py": ours(*common, threads=args.threads)}
+    rows = {"align_rl.py": ours(*common, text_only=args.text_only, threads=args.threads)}
     if args.compare_trl:
-        rows["TRL GRPOTrainer"] = trl(*common)
-    print(f"GRPO step, tiny VL backbone: {args.prompts} prompts x G={args.group_size} (two 56x56 images each), "
+        rows["TRL GRPOTrainer"] = trl(*common, text_only=args.text_only)
+    what = "text only" if args.text_only else "two 56x56 images each"
+    print(f"GRPO step, tiny VL backbone: {args.prompts} prompts x G={args.group_size} ({what}), "
           f"{args.new_tokens} new tokens, T {args.temperature}, {args.threads} CPU threads, mean of {args.steps} steps")
     print(f"{'':<18}{'s/step':>8}{'generate':>10}{'log-probs':>11}{'update':>8}")
     for name, r in rows.items():

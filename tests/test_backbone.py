@@ -132,6 +132,11 @@ def test_sample_matches_generate_and_shares_the_prompt(bb):
         torch.manual_seed(3)
         b = bb.sample(inputs, 1, max_new_tokens=10, temperature=temperature, top_p=top_p)
         assert torch.equal(a, b[:, :a.shape[1]]) and (b[:, a.shape[1]:] == bb.pad_id).all()
+    text_only = bb.build_inputs([[], []], ["pick up the red block", "go"])  # left-padded, no image
+    torch.manual_seed(4)
+    a = bb.generate(text_only, max_new_tokens=10, do_sample=True, temperature=0.7)
+    torch.manual_seed(4)
+    assert torch.equal(a, bb.sample(text_only, 1, max_new_tokens=10, temperature=0.7)[:, :a.shape[1]])
     greedy = bb.generate(inputs, max_new_tokens=10)
     rows = bb.sample(inputs, 3, max_new_tokens=10, temperature=1e-4)
     assert torch.equal(rows[:, :greedy.shape[1]], greedy.repeat_interleave(3, 0))
