@@ -60,6 +60,8 @@ robot_data = "libero"
 robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False
+no_noops = True  # LIBERO: drop no-op steps as openvla / openpi train (data.LiberoDataset)
+image_size = 56  # model.resize_with_pad size: the stage-1 checkpoint's (checked; the real recipe: 224)
 prompt_template = data.REASONING_ACTION_PROMPT
 prompt_images = True  # False: the instruction alone, no camera images (an ablation; the bench's text-only workload)
 num_prompts = 512  # the RL subset of the demonstrations (paper: 12.8K, < 1% of the SFT data)
@@ -267,17 +269,19 @@ def main():
     norm_stats = NormStats.load(files["norm_stats.json"])
     backbone = Backbone.from_pretrained(source, fast_vocab_size=fast.vocab_size, dtype=getattr(torch, master_dtype),
                                         attn_implementation=attn_implementation)
+    backbone.set_image_size(image_size, source)
     reference, reference_fingerprint = None, None
     if beta > 0:  # the frozen start model, stored in the compute dtype
         reference = Backbone.from_pretrained(init_from, fast_vocab_size=fast.vocab_size, dtype=compute_dtype,
                                              attn_implementation=attn_implementation).requires_grad_(False).eval()
+        reference.set_image_size(image_size, init_from)
         reference_fingerprint = weights_fingerprint(reference.state_dict())
 
     # ---- prompts: a seeded subset of the demonstrations (the paper: 12.8K) and held-out ones ----
     if data_dir == "out/data":
         ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
     path = lambda p: p.format(data_dir=data_dir)
-    robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
+    robot_kwargs = dict(flip_images=flip_images, no_noops=no_noops) if robot_data == "libero" else {}
     train_set = open_robot_dataset(robot_data, path(robot_train), fast.horizon, **robot_kwargs)
     val_set = open_robot_dataset(robot_data, path(robot_val), fast.horizon, **robot_kwargs) if robot_val else None
     check_compatible(train_set[0], path(robot_train), norm_stats, files["norm_stats.json"], fast, files["fast_tokenizer.json"])

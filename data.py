@@ -399,6 +399,20 @@ LIBERO_CAMERAS = ("agentview_rgb", "eye_in_hand_rgb")
 LIBERO_STATE_KEYS = ("ee_states", "gripper_states")  # eef pos + axis-angle (6) + finger qpos (2), as openpi
 
 
+def non_noop_steps(actions, threshold=1e-4):
+    """Indices of the steps a no_noops dataset keeps (openvla experiments/robot/libero/regenerate_libero_dataset.py):
+    a step is a no-op when its translation + rotation command has norm < threshold and its gripper command equals
+    that of the last kept step (the first step: the motion alone decides). openpi trains on the same files."""
+    keep, last_gripper = [], None
+    for t, action in enumerate(np.asarray(actions)):
+        still = np.linalg.norm(action[:-1]) < threshold
+        if still and (last_gripper is None or action[-1] == last_gripper):
+            continue
+        keep.append(t)
+        last_gripper = action[-1]
+    return np.asarray(keep, dtype=np.int64)
+
+
 def _sorted_demos(group):
     return sorted((k for k in group.keys() if k.startswith("demo_")), key=lambda k: int(k.split("_")[1]))
 
@@ -433,10 +447,11 @@ class LiberoDataset:
     """
 
     def __init__(self, paths, horizon=16, cameras=LIBERO_CAMERAS, state_keys=LIBERO_STATE_KEYS,
-                 action_dim=7, flip_images=False):
+                 action_dim=7, flip_images=False, no_noops=False):
         self.files = _expand_paths(paths, "*.hdf5", "LiberoDataset")
         self.horizon, self.cameras, self.state_keys, self.flip_images = horizon, tuple(cameras), tuple(state_keys), flip_images
-        self.episodes = []  # dicts: file, demo, instruction, actions [T, D], states [T, S]
+        self.episodes = []  # dicts: file, demo, instruction, frames [T] (hdf5 rows kept), actions [T, D], states [T, S]
+        self.num_noops = 0
         for path in self.files:
             try:
                 f = h5py.File(path, "r")
@@ -472,8 +487,19 @@ class LiberoDataset:
                         reasoning = [r.decode() if isinstance(r, bytes) else str(r) for r in g["reasoning"][()]]
                         if len(reasoning) != len(actions):
                             raise ValueError(f"{where}/reasoning has {len(reasoning)} entries, expected one per step ({len(actions)})")
-                    self.episodes.append(dict(file=path, demo=demo, instruction=instruction, actions=actions,
-                                              states=np.concatenate(states, axis=1), reasoning=reasoning))
+                    frames = np.arange(len(actions))
+                    if no_noops:
+                        frames = frames[non_noop_steps(actions)]
+                        self.num_noops += len(actions) - len(frames)
+                        if len(frames) == 0:
+                            continue
+                    self.episodes.append(dict(file=path, demo=demo, instruction=instruction, frames=frames,
+                                              actions=actions[frames], states=np.concatenate(states, axis=1)[frames],
+                                              reasoning=None if reasoning is None else [reasoning[t] for t in frames]))
+        if no_noops:
+            total = self.num_noops + sum(len(ep["frames"]) for ep in self.episodes)
+            _log(f"LiberoDataset: no_noops dropped {self.num_noops} of {total} steps ({', '.join(self.files[:2])}"
+                 f"{', ...' if len(self.files) > 2 else ''})")
         self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep["actions"]))]
         self._handles, self._pid = {}, None
 
@@ -502,7 +528,7 @@ class LiberoDataset:
         e, t = self.index[i]
         ep = self.episodes[e]
         obs = self._file(ep["file"])["data"][ep["demo"]]["obs"]
-        images = [np.asarray(obs[cam][t], dtype=np.uint8) for cam in self.cameras]
+        images = [np.asarray(obs[cam][ep["frames"][t]], dtype=np.uint8) for cam in self.cameras]
         if self.flip_images:
             images = [np.ascontiguousarray(im[::-1, ::-1]) for im in images]
         actions, mask = chunk_at(ep["actions"], t, self.horizon)
@@ -1258,13 +1284,23 @@ class ConversationDataset:
                 raise ValueError(f"{path}: record {r} needs 'conversations' with at least a human and a gpt turn")
             images = rec.get("image", [])
             images = [images] if isinstance(images, str) else list(images)
-            for k in range(0, len(turns) - 1, 2):
+            if len(turns) % 2:
+                raise ValueError(f"{path}: record {r} has {len(turns)} turns, expected human / gpt pairs")
+            prompts, responses = [], []
+            for k in range(0, len(turns), 2):
                 q, a = turns[k], turns[k + 1]
-                if q.get("from") != "human" or a.get("from") != "gpt":
-                    raise ValueError(f"{path}: record {r} turn {k}: expected human then gpt, "
-                                     f"got {q.get('from')!r} then {a.get('from')!r}")
-                prompt = q["value"].replace("<image>", "").strip()
-                self.samples.append(dict(image_paths=images, prompt=prompt, response=a["value"].strip(), record=r))
+                if not isinstance(q, dict) or not isinstance(a, dict) or q.get("from") != "human" or a.get("from") != "gpt":
+                    raise ValueError(f"{path}: record {r} turn {k}: expected {{'from': 'human'}} then {{'from': 'gpt'}}, "
+                                     f"got {q!r:.80} then {a!r:.80}")
+                if k and "<image>" in q.get("value", ""):
+                    raise ValueError(f"{path}: record {r} turn {k}: <image> after the first turn (images go with the first)")
+                prompts.append(q["value"].replace("<image>", "").strip())
+                responses.append(a["value"].strip())
+            # one sample per conversation: a multi-turn one is trained as one sequence, loss on every gpt turn
+            # (LLaVA's preprocess); a single turn stays a plain string
+            one = len(prompts) == 1
+            self.samples.append(dict(image_paths=images, prompt=prompts[0] if one else prompts,
+                                     response=responses[0] if one else responses, record=r))
 
     def __len__(self):
         return len(self.samples)

@@ -5,7 +5,12 @@ Closed-loop CALVIN evaluation of a VLA checkpoint (PAPER.md "Evaluation": CALVIN
 It follows the official protocol of mees/calvin `calvin_models/calvin_agent/evaluation/evaluate_policy.py`
 (REFERENCES.md section 5):
   - the chains are calvin_agent's `get_sequences(num_sequences)` (reimplemented below, reproducing the same
-    chains for the same seed; calvin_agent's own function is used when it is importable),
+    chains for the same seed; calvin_agent's own function is used when it is importable), generated once and
+    cached in `chains_cache` with their sha256 (the official 1000 are checked against their known checksum),
+  - each chain starts from its initial state, gripper open: calvin_env's reset leaves the last gripper command in
+    robot_obs[14], which reset_env sets back, so a chain's result does not depend on what its worker played before,
+  - actions go to env.step unclipped, as in the official loop, unless the checkpoint was trained on clipped
+    actions (vla.json clip_actions, set by train_vla.py's clip_actions for CALVIN's clipped rel_actions),
   - the env is reset once per chain to the chain's initial condition; the robot is not reset between subtasks,
   - each subtask gets `ep_len` (360) steps, its one fixed validation instruction, a fresh action-chunk buffer,
   - a subtask succeeds as soon as the task oracle `get_task_info_for_set(start_info, info, {subtask})`
@@ -21,6 +26,7 @@ worker owns one env and one copy of the policy and plays whole chains, each chai
 index, so the results do not depend on the number of workers (see `evaluate`).
 """
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -47,6 +53,8 @@ replan_steps = 5  # execute the first k of the H predicted actions, then re-plan
 gripper_convention = "calvin"  # "calvin": policy outputs rel_actions with +1 = open (CALVIN's own);
 #                                "libero": +1 = close (CONTRACT convention) -> negated before env.step
 num_workers = 1  # processes, each with its own env and policy copy
+torch_threads = 1  # torch threads per worker for the policy (1 on CPU: one chunk in ~30 ms, not 100-300); 0 = torch's
+chains_cache = "out/calvin_chains"  # the generated chains are written here once (with their sha256) and read back
 device = "cpu"  # policy device in every worker
 out_dir = "out/eval_calvin"
 seed = 0  # chain i is played with seed + i (torch / numpy / random)
@@ -198,6 +206,44 @@ def get_sequences(num_sequences=1000):
     for i, state in enumerate(states):
         chains += [(dict(state), seq) for seq in sequences_for_state(state, i, per_state + (i < extra))]
     np.random.RandomState(0).shuffle(chains)  # calvin: np.random.shuffle under temp_seed(0)
+    return chains
+
+
+# sha256 of json.dumps([[list(state.items()), list(sequence)], ...]) over the official get_sequences(1000)
+OFFICIAL_1000_SHA256 = "4121d62cea846bd5a80cf9309b27240dbd8b2a21a5ba02f311f39df01819e86d"
+
+
+def chains_sha256(chains):
+    return hashlib.sha256(json.dumps([[list(s.items()), list(q)] for s, q in chains]).encode()).hexdigest()
+
+
+def load_chains(num_sequences, cache_dir, sequences_fn=get_sequences):
+    """get_sequences(num_sequences), generated once (4-5 min for the official 1000 on 2 CPU cores) and cached as
+    <cache_dir>/chains_<n>.json with its sha256; a cache whose chains do not hash to the recorded checksum, or a
+    1000-chain list that is not the official one, is an error (never silently replaced)."""
+    path = os.path.join(cache_dir, f"chains_{num_sequences}.json") if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+            chains = [(dict(state), tuple(sequence)) for state, sequence in stored["chains"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a chain cache written by eval_calvin.py ({e}); move it away to regenerate") from None
+        digest = chains_sha256(chains)
+        if digest != stored.get("sha256"):
+            raise ValueError(f"{path}: its chains hash to {digest}, the file records {stored.get('sha256')}: the cache is "
+                             "damaged; move it away to regenerate")
+    else:
+        chains = [(dict(state), tuple(sequence)) for state, sequence in sequences_fn(num_sequences)]
+        digest = chains_sha256(chains)
+    if num_sequences == 1000 and digest != OFFICIAL_1000_SHA256:
+        raise ValueError(f"{path or 'get_sequences(1000)'}: sha256 {digest} is not the official 1000 chains' "
+                         f"{OFFICIAL_1000_SHA256}")
+    if path and not os.path.isfile(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"num_sequences": num_sequences, "sha256": digest, "chains": [[s, list(q)] for s, q in chains]}, f)
+        os.replace(path + ".tmp", path)
     return chains
 
 
@@ -353,14 +399,16 @@ def policy_inputs(obs):
     return images, np.asarray(obs["robot_obs"], dtype=np.float32)
 
 
-def to_env_action(action, convention):
-    """A predicted action in rel_actions units -> what env.step takes: the relative part clipped to the
-    [-1, 1] range of rel_actions (the env scales it by max_rel_pos/orn), the gripper binarized to -1/+1
-    as calvin_agent's CalvinEnvWrapper does (CALVIN: +1 = open, -1 = close)."""
+def to_env_action(action, convention, clip=False):
+    """A predicted action in rel_actions units -> what env.step takes: the gripper binarized to -1/+1 as
+    calvin_agent's CalvinEnvWrapper does (CALVIN: +1 = open, -1 = close). The relative part goes as predicted,
+    as in the official evaluation; clip=True (a checkpoint trained on clipped actions, VLA.clip_actions) clips it
+    to [-1, 1] like its training data."""
     action = np.asarray(action, dtype=np.float64).copy()
     if convention == "libero":
         action[6] = -action[6]
-    action[:6] = np.clip(action[:6], -1.0, 1.0)
+    if clip:
+        action[:6] = np.clip(action[:6], -1.0, 1.0)
     action[6] = 1.0 if action[6] > 0 else -1.0
     return action
 
@@ -380,16 +428,26 @@ def rollout_subtask(env, oracle, policy, subtask, cfg):
             images, state = policy_inputs(obs)
             chunk = policy.predict_action_batch([images], [instruction], state[None])[0]
             planned = list(chunk[:cfg["replan_steps"]])
-        obs, _, _, info = env.step(to_env_action(planned.pop(0), cfg["gripper_convention"]))
+        obs, _, _, info = env.step(to_env_action(planned.pop(0), cfg["gripper_convention"], getattr(policy, "clip_actions", False)))
         if oracle.get_task_info_for_set(start_info, info, {subtask}):
             return True
     return False
 
 
+def reset_env(env, robot_obs, scene_obs):
+    """env.reset to a chain's initial state. calvin_env's Robot.reset sets the joints and fingers but not its
+    `gripper_action`, the last gripper command that robot_obs[14] reports: it would carry over from the chain this
+    env played before, so results would depend on num_workers. It is set from the initial state (open) here."""
+    env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+    robot = getattr(env, "robot", None)
+    if robot is not None and hasattr(robot, "gripper_action"):
+        robot.gripper_action = 1 if robot_obs[14] > 0 else -1
+
+
 def evaluate_chain(env, oracle, policy, initial_condition, sequence, cfg, env_state_fn=env_state_for_initial_condition):
     """Number of consecutive subtasks solved (0..5): reset once to the chain's initial state, stop at a failure."""
     robot_obs, scene_obs = env_state_fn(initial_condition)
-    env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+    reset_env(env, robot_obs, scene_obs)
     for solved, subtask in enumerate(sequence):
         if not rollout_subtask(env, oracle, policy, subtask, cfg):
             return solved
@@ -410,8 +468,8 @@ def _play_chain(job):
     index, (initial_condition, sequence), setup = job
     make_env, make_oracle, load_policy, env_state_fn, cfg = setup
     if not _WORKER:
-        if cfg["num_workers"] > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["num_workers"]))
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(cfg["torch_threads"])
         policy = check_policy(load_policy(cfg["checkpoint"], cfg["device"]), cfg["checkpoint"], cfg["replan_steps"])
         _WORKER.update(env=make_env(cfg["dataset_path"], cfg["scene"]), oracle=make_oracle(), policy=policy)
     random.seed(cfg["seed"] + index)
@@ -428,7 +486,7 @@ def evaluate(chains, cfg, make_env=make_calvin_env, make_oracle=make_calvin_orac
     jobs = [(i, chain, setup) for i, chain in enumerate(chains)]
     results = [None] * len(chains)
     pbar = tqdm(total=len(chains), desc="chains", dynamic_ncols=True)
-    pool = None
+    pool, threads = None, torch.get_num_threads()
     if cfg["num_workers"] > 1:
         # spawn, not fork: PyBullet / EGL / torch threads do not survive a fork safely. A worker that dies
         # (e.g. its env cannot be built) fails the run with BrokenProcessPool instead of hanging it.
@@ -451,6 +509,7 @@ def evaluate(chains, cfg, make_env=make_calvin_env, make_oracle=make_calvin_orac
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         _WORKER.clear()  # a later in-process run builds its own env/policy
+        torch.set_num_threads(threads)  # an in-process run leaves the caller's threads as they were
     return results
 
 
@@ -518,7 +577,7 @@ def main(argv):
     calvin_env = import_calvin_env()  # exits with install instructions when missing
     resolve_scene(config["scene"], Path(calvin_env.__file__).parents[1] / "conf" / "scene")
     sequences_fn, env_state_fn = official_protocol_functions()
-    chains = list(sequences_fn(config["num_sequences"]))
+    chains = load_chains(config["num_sequences"], config["chains_cache"], sequences_fn)
     if config["debug_num_chains"] > 0:
         chains = chains[:config["debug_num_chains"]]
     return run(config, chains, env_state_fn=env_state_fn)

@@ -12,7 +12,9 @@ It follows the official protocol of openpi `examples/libero/main.py` and OpenVLA
   - OffScreenRenderEnv at 256x256, env.seed(7); the policy sees [agentview, wrist] images rotated 180 degrees
     and the 8-d state eef pos (3) + axis-angle of the eef quaternion (3) + gripper qpos (2), i.e. the
     `ee_states` + `gripper_states` of LIBERO's hdf5 files (data.LiberoDataset; train with flip_images=True on
-    official files so the images are the same way up); resizing to the backbone's input is its processor's job,
+    official files so the images are the same way up); the VLA resizes and pads them to the image_size it was
+    trained at (vla.json, model.resize_with_pad, openpi's rule), so a 256x256 render and a 128x128 training frame
+    reach the backbone alike,
   - action chunks: predict H actions, execute the first replan_steps (openpi: 5), re-plan; actions go to
     env.step as predicted: LIBERO's data already uses the env's gripper convention (-1 open, +1 close).
 

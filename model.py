@@ -289,6 +289,25 @@ def _tiny_tokenizer(vocab_size=600):
     return tokenizer
 
 
+def resize_with_pad(image, size):
+    """The one image preprocessing of every stage and both evaluations (openpi `image_tools.resize_with_pad`):
+    scale a uint8 [H, W, 3] image to fit size x size keeping its aspect ratio (PIL bilinear), then pad with
+    black to size x size, centred. A 128 x 128 training frame and a 256 x 256 simulator render thus reach the
+    processor at one size, so the backbone sees the same number of visual tokens in training and evaluation.
+    size = 0 leaves the image as it is (the processor's own resize alone decides)."""
+    image = _as_pil(image)
+    if not size or image.size == (size, size):
+        return image
+    width, height = image.size
+    ratio = max(width / size, height / size)
+    resized = image.resize((max(1, int(width / ratio)), max(1, int(height / ratio))), resample=Image.BILINEAR)
+    if resized.size == (size, size):
+        return resized
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(resized, ((size - resized.size[0]) // 2, (size - resized.size[1]) // 2))
+    return canvas
+
+
 def _as_pil(image):
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -346,9 +365,10 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 class Backbone(nn.Module):
-    def __init__(self, model, processor, fast_vocab_size, act_first_id):
+    def __init__(self, model, processor, fast_vocab_size, act_first_id, image_size=0):
         super().__init__()
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.image_size = int(image_size)  # every image goes through resize_with_pad(image, image_size) first
         self.fast_vocab_size, self.act_first_id = int(fast_vocab_size), int(act_first_id)
         self.action_start_id = self.tokenizer.convert_tokens_to_ids(ACTION_START)
         self.action_end_id = self.tokenizer.convert_tokens_to_ids(ACTION_END)
@@ -364,10 +384,11 @@ class Backbone(nn.Module):
     # ---- construction ----
     @staticmethod
     def _tiny_hf(seed=0, hidden_size=128, num_layers=4, num_heads=4, vision_depth=2, vision_hidden_size=64,
-                 image_size=56, text_vocab_size=600):
-        """A small Qwen2.5-VL (model, processor) built in code, without action tokens."""
+                 image_size=56, text_vocab_size=600, tokenizer=None, image_processor=None):
+        """A small Qwen2.5-VL (model, processor) built in code, without action tokens. tokenizer / image_processor:
+        use these instead of the tiny ones (a test builds a hub-like processor from Qwen's own tokenizer files)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        tokenizer = _tiny_tokenizer(text_vocab_size)
+        tokenizer = tokenizer or _tiny_tokenizer(text_vocab_size)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
         head_dim = hidden_size // num_heads
         section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # t, h, w rope sections, sum = head_dim/2
@@ -384,7 +405,7 @@ class Backbone(nn.Module):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
         pixels = image_size * image_size  # min = max pixels: an image_size^2 input is never resized
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+        image_processor = image_processor or Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
         return model, _image_only_processor(Qwen2_5_VLProcessor, image_processor, tokenizer, QWEN_CHAT_TEMPLATE)
 
     @classmethod
@@ -394,7 +415,7 @@ class Backbone(nn.Module):
         image_size^2 inputs stay that size -> (image_size/14)^2 patches -> 1/4 as many visual tokens (2x2 merge)."""
         model, processor = cls._tiny_hf(seed, **sizes)
         act_first_id = cls._add_action_tokens(model, processor.tokenizer, fast_vocab_size)
-        return cls(model, processor, fast_vocab_size, act_first_id)
+        return cls(model, processor, fast_vocab_size, act_first_id, image_size=sizes.get("image_size", 56))
 
     @classmethod
     def write_tiny_hf_checkpoint(cls, out_dir, seed=0, **sizes):
@@ -438,7 +459,7 @@ class Backbone(nn.Module):
             if fast_vocab_size is not None and fast_vocab_size != saved["fast_vocab_size"]:
                 raise ValueError(f"{name_or_path}/{BACKBONE_JSON}: fast_vocab_size={saved['fast_vocab_size']} "
                                  f"but fast_vocab_size={fast_vocab_size} was asked for")
-            return cls(model, processor, saved["fast_vocab_size"], saved["act_first_id"])
+            return cls(model, processor, saved["fast_vocab_size"], saved["act_first_id"], saved.get("image_size", 0))
         if ACTION_START in tokenizer.get_vocab():
             raise ValueError(f"{name_or_path}: tokenizer has {ACTION_START} but no {BACKBONE_JSON} with the FAST id mapping")
         if fast_vocab_size is None:
@@ -464,6 +485,17 @@ class Backbone(nn.Module):
                 emb.weight[n_old:len(tokenizer)] = emb.weight[:n_old].float().mean(0).to(emb.weight.dtype)
         return n_old + 2
 
+    def set_image_size(self, image_size, source=None):
+        """The resize_with_pad size of this run. A checkpoint that recorded another size (BACKBONE_JSON) was trained
+        on other images, so continuing it at this size is an error, not a silent change of its inputs."""
+        image_size = int(image_size)
+        if image_size < 0:
+            raise ValueError(f"image_size={image_size} must be >= 0 (0 = images go to the processor as they are)")
+        if source is not None and self.image_size and self.image_size != image_size:
+            raise ValueError(f"{source}/{BACKBONE_JSON}: this backbone was trained on {self.image_size} x {self.image_size} "
+                             f"images, the run asks for image_size={image_size}: pass --image_size={self.image_size}")
+        self.image_size = image_size
+
     def _check_action_tokens(self):
         expect = list(range(self.act_first_id, self.act_first_id + self.fast_vocab_size))
         got = self.tokenizer.convert_tokens_to_ids([f"<act_{i}>" for i in range(self.fast_vocab_size)])
@@ -476,7 +508,8 @@ class Backbone(nn.Module):
         _save_hf(self.model, self.processor, out_dir, state_dict)
         with open(os.path.join(out_dir, BACKBONE_JSON), "w") as f:
             json.dump({"fast_vocab_size": self.fast_vocab_size, "act_first_id": self.act_first_id,
-                       "action_start_id": self.action_start_id, "action_end_id": self.action_end_id}, f, indent=1)
+                       "action_start_id": self.action_start_id, "action_end_id": self.action_end_id,
+                       "image_size": self.image_size}, f, indent=1)
 
     def freeze_vision_blocks(self):
         """requires_grad off for the vision tower except its merger (Qwen-VL's projector into the LLM, which
@@ -539,9 +572,12 @@ class Backbone(nn.Module):
         """images: per sample a list of uint8 [H, W, 3] arrays or PIL images; prompt/response strings.
         Returns input_ids, attention_mask, labels (-100 except the response and its closing <|im_end|>),
         pixel_values, image_grid_thw and mm_token_type_ids (1 on image tokens; Qwen's 3D rope needs it).
+        Every image first goes through resize_with_pad(image, self.image_size).
+        A multi-turn conversation: prompts[i] and responses[i] are lists of the user and assistant turns (images
+        with the first user turn); one sequence in the chat format with labels on every assistant turn.
         responses=None -> generation inputs: the assistant prompt is opened, left padding.
-        max_length > 0: a longer sample keeps its prompt (images included) and the response's first tokens up to
-        max_length; a prompt alone longer than that is an error (cap the image size with max_pixels instead)."""
+        max_length > 0: a longer sample keeps its first prompt (images included) and the tokens after it up to
+        max_length; a prompt alone longer than that is an error (lower image_size / max_pixels instead)."""
         if isinstance(prompts, str) or len(images) != len(prompts):
             raise ValueError(f"need one image list per prompt: got {len(images)} image lists and "
                              f"{1 if isinstance(prompts, str) else len(prompts)} prompts")
@@ -549,27 +585,43 @@ class Backbone(nn.Module):
             raise ValueError(f"got {len(responses)} responses for {len(prompts)} prompts")
         if responses is None:
             padding_side = "left"
-        flat_images, texts = [], []
-        for sample_images, prompt in zip(images, prompts):
+        flat_images, texts, follow_ups = [], [], []
+        for i, (sample_images, prompt) in enumerate(zip(images, prompts)):
             if not isinstance(sample_images, (list, tuple)):
                 raise TypeError(f"images must be a list of lists of images, got an element of type {type(sample_images).__name__}")
-            flat_images += [_as_pil(im) for im in sample_images]
+            turns = [prompt] if isinstance(prompt, str) else list(prompt)
+            answers = None if responses is None else [responses[i]] if isinstance(responses[i], str) else list(responses[i])
+            if not turns or (answers is not None and len(answers) != len(turns)) or (answers is None and len(turns) > 1):
+                raise ValueError(f"sample {i}: {len(turns)} user turns and "
+                                 f"{'no' if answers is None else len(answers)} assistant turns (expected one each)")
+            flat_images += [resize_with_pad(im, self.image_size) for im in sample_images]
             messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-            messages.append({"role": "user", "content": [{"type": "image"}] * len(sample_images) + [{"type": "text", "text": prompt}]})
+            messages.append({"role": "user", "content": [{"type": "image"}] * len(sample_images) + [{"type": "text", "text": turns[0]}]})
             texts.append(self.tokenizer.apply_chat_template(messages, chat_template=self.processor.chat_template,
                                                             tokenize=False, add_generation_prompt=True))
+            # later turns in Qwen's ChatML: the template writes an assistant turn as its text + <|im_end|> + "\n"
+            follow_ups.append([(None, answers[0])] if answers else [])
+            for question, answer in zip(turns[1:], (answers or [])[1:]):
+                follow_ups[-1].append((f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", answer))
         # the processor expands each <|image_pad|> to the image's number of merged patches
         enc = self.processor(text=texts, images=flat_images or None, padding=False)
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]
         rows, label_rows = [], []
         for i, prompt_ids in enumerate(enc["input_ids"]):
-            response_ids = [] if responses is None else self.tokenizer(responses[i], add_special_tokens=False)["input_ids"] + [self.eos_id]
-            if max_length and len(prompt_ids) + len(response_ids) > max_length:
+            row, labels = list(prompt_ids), [-100] * len(prompt_ids)
+            for question, answer in follow_ups[i]:
+                if question is not None:
+                    ids = encode(question)
+                    row, labels = row + ids, labels + [-100] * len(ids)
+                ids = encode(answer) + [self.eos_id]
+                row, labels = row + ids, labels + ids
+            if max_length and len(row) > max_length:
                 if len(prompt_ids) >= max_length:
                     raise ValueError(f"sample {i}: its prompt has {len(prompt_ids)} tokens ({int((np.asarray(prompt_ids) == self.image_token_id).sum())} "
-                                     f"of them image tokens), max_length={max_length}: lower max_pixels or raise max_seq_len")
-                response_ids = response_ids[:max_length - len(prompt_ids)]
-            rows.append(list(prompt_ids) + response_ids)
-            label_rows.append([-100] * len(prompt_ids) + response_ids)
+                                     f"of them image tokens), max_length={max_length}: lower image_size / max_pixels or raise max_seq_len")
+                row, labels = row[:max_length], labels[:max_length]
+            rows.append(row)
+            label_rows.append(labels)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -715,12 +767,14 @@ class Backbone(nn.Module):
                 logits = out.logits[:, -1].float()
         return torch.stack(tokens, 1)
 
-    def hidden_states(self, inputs, layer):
-        """Output of decoder layer `layer` (1-based count of layers applied) and the attention mask as bool:
-        equal to HF's output_hidden_states[layer] (the raw residual stream; HF applies the final norm to the
-        last entry only). For Qwen3-VL it includes the deepstack visual features added after the first layers,
-        i.e. what layer `layer`+1 sees (HF's hook-recorded entries omit them). Only the first `layer` layers run (the 7B reads layer 18 of 28): the layer list is
-        cut for this call, and the final norm is bypassed unless `layer` is the last layer."""
+    def hidden_states(self, inputs, layer, final_norm=False):
+        """Output of decoder layer `layer` (1-based count of layers applied) and the attention mask as bool.
+        final_norm=False: HF's output_hidden_states[layer], the raw residual stream. final_norm=True: the model's
+        final RMSNorm applied to it, which is what GR00T N1.5 feeds its head (Isaac-GR00T
+        gr00t/model/backbone/eagle_backbone.py drops the layers above select_layer and reads the last hidden
+        state, which HF returns after the final norm). For Qwen3-VL it includes the deepstack visual features
+        added after the first layers, i.e. what layer `layer`+1 sees. Only the first `layer` layers run (the 7B
+        reads layer 18 of 28, arXiv 2603.21341 section 4): the layer list is cut for this call."""
         if not 1 <= layer <= self.num_layers:
             raise ValueError(f"layer must be in [1, {self.num_layers}] (1-based count of decoder layers), got {layer}")
         language_model = self.model.model.language_model
@@ -728,7 +782,7 @@ class Backbone(nn.Module):
         with self.gathered():
             model_inputs = self._model_inputs(inputs)
             language_model.layers = all_layers[:layer]
-            if layer < self.num_layers:
+            if not final_norm:
                 language_model.norm = nn.Identity()
             try:
                 feats = self.model.model(**model_inputs, use_cache=False).last_hidden_state
@@ -1159,7 +1213,8 @@ class VLA(nn.Module):
     """
 
     def __init__(self, backbone, head, layer, norm_stats, freeze_backbone=True,
-                 prompt_template="What action should the robot take to {instruction}?", backbone_path=None):
+                 prompt_template="What action should the robot take to {instruction}?", backbone_path=None,
+                 final_norm=False, clip_actions=False):
         super().__init__()
         if "{instruction}" not in prompt_template:
             raise ValueError(f"VLA: prompt_template must contain '{{instruction}}', got {prompt_template!r}")
@@ -1169,6 +1224,9 @@ class VLA(nn.Module):
                              f"feature_dim={head.feature_dim}")
         self.backbone, self.head, self.layer, self.norm_stats = backbone, head, int(layer), norm_stats
         self.freeze_backbone, self.prompt_template = freeze_backbone, prompt_template
+        # final_norm: read the layer through the backbone's final norm (Backbone.hidden_states); clip_actions: the
+        # training actions were clipped to [-1, 1], so an evaluation clips the policy's actions the same way
+        self.final_norm, self.clip_actions = bool(final_norm), bool(clip_actions)
         # where the backbone checkpoint lives (written to vla.json); HF sets name_or_path in from_pretrained
         hf_model = getattr(backbone, "model", None)
         self.backbone_path = backbone_path or getattr(backbone, "name_or_path", None) or getattr(hf_model, "name_or_path", None)
@@ -1197,7 +1255,7 @@ class VLA(nn.Module):
         backbone_device = next(self.backbone.parameters()).device
         inputs = {k: v.to(backbone_device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            feats, mask = self.backbone.hidden_states(inputs, self.layer)
+            feats, mask = self.backbone.hidden_states(inputs, self.layer, self.final_norm)
         return feats, mask
 
     def loss(self, batch):
@@ -1259,6 +1317,9 @@ class VLA(nn.Module):
             "backbone_relative": os.path.relpath(os.path.abspath(backbone_path), os.path.abspath(out_dir)) if is_local else None,
             "backbone_is_local": is_local,
             "layer": self.layer,
+            "final_norm": self.final_norm,
+            "image_size": self.backbone.image_size,  # resize_with_pad size of every image, training and evaluation
+            "clip_actions": self.clip_actions,
             "head": self.head.config,
             "prompt_template": self.prompt_template,
             "freeze_backbone": self.freeze_backbone,
@@ -1306,8 +1367,10 @@ class VLA(nn.Module):
         stats_path = os.path.join(vla_dir, "norm_stats.json")
         if not os.path.isfile(stats_path):
             raise FileNotFoundError(f"{stats_path} not found (written by VLA.save)")
+        backbone.image_size = int(meta.get("image_size", backbone.image_size))
         vla = cls(backbone, head, meta["layer"], NormStats.load(stats_path),
                   freeze_backbone=meta.get("freeze_backbone", True),
                   prompt_template=meta.get("prompt_template", "What action should the robot take to {instruction}?"),
-                  backbone_path=backbone_path)
-        return vla.to(device)
+                  backbone_path=backbone_path, final_norm=meta.get("final_norm", False),
+                  clip_actions=meta.get("clip_actions", False))
+        return vla.to(device).eval()  # inference: no head dropout

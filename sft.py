@@ -56,6 +56,9 @@ n_head = 4
 n_embd = 192
 vision_depth = 2
 vision_embd = 256  # frozen random features: wider keeps more of the image (0.20 -> 0.31 held-out prefix here)
+# every image (training frames, VQA images) is resized and padded to image_size x image_size before Qwen's
+# processor (model.resize_with_pad, openpi's rule); saved with the checkpoint, the later stages and the evaluations
+# use the same size whatever the simulator renders. The real recipe: 224 (openpi); 0 = images as they are
 image_size = 56
 # data: paths are format strings over data_dir; "" turns a validation set off
 data_dir = "out/data"  # the default is generated here (data.make_synthetic_dataset, seed 0) if missing
@@ -68,6 +71,7 @@ robot_data = "libero"  # "libero" (hdf5 files / dirs / globs, comma-separated) |
 robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False  # rotate robot images by 180 degrees (official LIBERO files, see data.LiberoDataset)
+no_noops = True  # LIBERO: drop no-op steps as openvla / openpi train (data.LiberoDataset)
 # mixture weights (PAPER.md "Stage 1": (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
 # the RL prompt answered with a thought (the data's per-step scene reasoning if it has any) and the action
 # tokens. Stage 2 (align_rl.py) prompts with REASONING_ACTION_PROMPT and rewards
@@ -221,7 +225,7 @@ def main():
                       reasoning=conversations(reasoning_train, "reasoning_train") if reasoning_weight > 0 else None)
     val_sets = dict(vqa=conversations(vqa_val, "vqa_val") if vqa_weight > 0 else None,
                     reasoning=conversations(reasoning_val, "reasoning_val") if reasoning_weight > 0 else None)
-    robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
+    robot_kwargs = dict(flip_images=flip_images, no_noops=no_noops) if robot_data == "libero" else {}
     robot = open_robot_dataset(robot_data, path(robot_train), action_horizon, **robot_kwargs)
     robot_val_set = open_robot_dataset(robot_data, path(robot_val), action_horizon, **robot_kwargs) if robot_val else None
     train_sets.update(action=robot, think_action=robot)
@@ -242,6 +246,7 @@ def main():
     else:
         backbone = Backbone.from_pretrained(source, fast_vocab_size=fast_vocab_size, dtype=getattr(torch, master_dtype),
                                             attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
+        backbone.set_image_size(image_size, source)
     own_fast = os.path.isdir(source) and os.path.isfile(os.path.join(source, "fast_tokenizer.json"))
     fast_path = fast_tokenizer_path or (os.path.join(source, "fast_tokenizer.json") if own_fast else "")
     stats_path = norm_stats_path or (os.path.join(source, "norm_stats.json") if own_fast else "")
@@ -344,8 +349,9 @@ def main():
     @torch.no_grad()
     def greedy(examples):
         """Greedy completions of the examples' prompts, with room for the reference response + eval_extra_tokens."""
-        inputs = backbone.build_inputs([e["images"] for e in examples], [e["prompt"] for e in examples])
-        longest = max(len(backbone.tokenizer(e["response"], add_special_tokens=False)["input_ids"]) for e in examples)
+        first = lambda text: text if isinstance(text, str) else text[0]  # a multi-turn conversation: its first turn
+        inputs = backbone.build_inputs([e["images"] for e in examples], [first(e["prompt"]) for e in examples])
+        longest = max(len(backbone.tokenizer(first(e["response"]), add_special_tokens=False)["input_ids"]) for e in examples)
         with autocast:
             return backbone.generate(inputs, max_new_tokens=longest + eval_extra_tokens)
 

@@ -49,7 +49,12 @@ gradient_checkpointing = False  # recompute each DiT block of the head in backwa
 fsdp = False  # shard the frozen backbone with FSDP2 (model.fsdp_shard; gathered for feature extraction); the head,
 # small, stays replicated with one gradient all-reduce per step
 seed = 0
-layer = 0  # backbone layer whose hidden states feed the head; 0 = two thirds of the depth (18 of the 7B's 28)
+# the VL features: the hidden states of decoder layer `layer` (arXiv 2603.21341 section 4: layer 18 of the 7B's 28;
+# 0 = two thirds of the depth), read through the backbone's final norm as GR00T N1.5 does (Isaac-GR00T
+# gr00t/model/backbone/eagle_backbone.py keeps the first select_layer layers and reads the normed last state)
+layer = 0
+feature_final_norm = True
+image_size = 56  # model.resize_with_pad size: the backbone checkpoint's (checked; the real recipe: 224); saved in vla.json
 prompt_template = data.ACTION_PROMPT
 # data
 data_dir = "out/data"  # the embedded default is generated here if missing
@@ -57,12 +62,16 @@ robot_data = "libero"  # "libero" | "calvin"
 robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False  # official LIBERO hdf5 files: True (see data.LiberoDataset)
+no_noops = True  # LIBERO: drop no-op steps as openvla / openpi train (data.LiberoDataset)
 action_horizon = 16  # PAPER.md: horizon 16
 action_dim = 7
+clip_actions = False  # the training actions are clipped to [-1, 1] (CALVIN's rel_actions are: calvin_env
+# utils.to_relative_action); saved in vla.json, so eval_calvin.py clips the policy's actions only then
 # action head (GR00T N1.5 shape, scaled down for CPU: width 128 x depth 4 did no better, 0.165 vs 0.160, 3x slower)
 head_width = 64
 head_depth = 2
 head_heads = 4
+head_dropout = 0.0  # attention and MLP dropout of the head in training (GR00T N1.5: 0.2, the paper configs)
 # GR00T alternates cross- and self-attention blocks; at this size and budget the flow head learns faster without
 # the self-attention block (embedded default: 0.25 of the floor vs 0.39 with GR00T's blocks; README), so the tiny
 # default cross-attends only and adds the state to each action token. The paper's config keeps GR00T's blocks.
@@ -208,14 +217,18 @@ class FeatureCache:
 
 def load_backbone(source, torch_dtype, attn_implementation=None):
     if source == "tiny":
-        return Backbone.tiny(seed=seed), None
+        backbone = Backbone.tiny(seed=seed)
+        backbone.set_image_size(image_size)
+        return backbone, None
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise FileNotFoundError(f"init_from={source!r}: no backbone in this directory (expected an HF checkpoint, "
                                 "config.json + model.safetensors, as sft.py / align_rl.py write)")
     if not os.path.isdir(source) and source.startswith(("out/", "./", "/")):
         raise FileNotFoundError(f"init_from={source!r} does not exist: run `python sft.py && python align_rl.py` first "
                                 "(or --init_from=out/sft for the SFT-only baseline)")
-    return Backbone.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation), source
+    backbone = Backbone.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
+    backbone.set_image_size(image_size, source)
+    return backbone, source
 
 
 def main():
@@ -233,13 +246,18 @@ def main():
     if data_dir == "out/data":
         ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
     path = lambda p: p.format(data_dir=data_dir)
-    robot_kwargs = dict(flip_images=flip_images) if robot_data == "libero" else {}
+    robot_kwargs = dict(flip_images=flip_images, no_noops=no_noops) if robot_data == "libero" else {}
     train_set = open_robot_dataset(robot_data, path(robot_train), action_horizon, **robot_kwargs)
     val_set = open_robot_dataset(robot_data, path(robot_val), action_horizon, **robot_kwargs) if robot_val else None
     _, chunk, _ = targets(train_set, 0)
     if chunk.shape[-1] != action_dim:
         raise ValueError(f"{path(robot_train)}: demonstrations have {chunk.shape[-1]}-D actions, the head is configured "
                          f"for action_dim={action_dim}")
+    if clip_actions:
+        actions = train_set.all_actions() if hasattr(train_set, "episodes") else train_set.all_actions(step=10)
+        if np.abs(actions[:, :-1]).max() > 1.0 + 1e-6:
+            raise ValueError(f"clip_actions=True, but the actions of {path(robot_train)} reach {np.abs(actions[:, :-1]).max():.3f} "
+                             "outside [-1, 1]: they were not clipped, so the policy's actions must not be either")
     if hasattr(train_set, "episodes"):
         norm_stats = NormStats.compute(train_set.all_actions(), train_set.all_states())
     else:  # CALVIN: one file per frame, so a subsample
@@ -260,11 +278,11 @@ def main():
     state_dim = len(targets(train_set, 0)[0])
     head = ActionHead(backbone.hidden_size, action_dim=action_dim, state_dim=state_dim, horizon=action_horizon,
                       width=head_width, depth=head_depth, heads=head_heads, num_future_tokens=num_future_tokens,
-                      num_vl_self_attn_layers=num_vl_self_attn_layers,
+                      num_vl_self_attn_layers=num_vl_self_attn_layers, dropout=head_dropout,
                       self_attention=head_self_attention).to(device)
     head.gradient_checkpointing = gradient_checkpointing
     vla = VLA(backbone, head, feature_layer, norm_stats, freeze_backbone=True, prompt_template=prompt_template,
-              backbone_path=backbone_path)
+              backbone_path=backbone_path, final_norm=feature_final_norm, clip_actions=clip_actions)
     ema = copy.deepcopy(head).requires_grad_(False) if ema_decay > 0 else None
     params = [p for p in head.parameters()]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
@@ -291,8 +309,9 @@ def main():
     cache = None
     if feature_cache:
         fingerprint = hashlib.sha256(json.dumps(dict(
-            backbone=frozen_fingerprint, layer=feature_layer, prompt=prompt_template, dtype=cache_dtype,
-            flip=flip_images, kind=robot_data, data=dataset_fingerprint(train_set))).encode()).hexdigest()
+            backbone=frozen_fingerprint, layer=feature_layer, final_norm=feature_final_norm, image_size=image_size,
+            prompt=prompt_template, dtype=cache_dtype, flip=flip_images, no_noops=no_noops, kind=robot_data,
+            data=dataset_fingerprint(train_set))).encode()).hexdigest()
         cache = FeatureCache(cache_dir, fingerprint, len(train_set), cache_shard_size, cache_in_memory)
         if not cache.complete():
             t0 = time.time()

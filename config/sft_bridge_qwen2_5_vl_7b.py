@@ -12,6 +12,7 @@ master_dtype = "float32"
 fsdp = True
 max_pixels = 256 * 28 * 28
 max_seq_len = 2048
+image_size = 224  # every image resized and padded to 224 x 224 (openpi's rule), training and evaluation
 
 # data (placeholders: your files). VQA and reasoning: LLaVA-style json / jsonl, images relative to image_root.
 data_dir = "/data/roboalign"

@@ -5,6 +5,7 @@ out_dir = "out/vla_calvin"
 init_from = "out/align_rl"
 dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 layer = 18
+image_size = 224  # the backbone checkpoint's (checked): CALVIN's 200x200 static and 84x84 wrist frames both go in at 224
 robot_data = "calvin"  # lang-annotated windows of task_ABC_D/training; rel_actions keep CALVIN's +1 = open gripper
 robot_train = "/data/calvin/task_ABC_D/training"
 robot_val = "/data/calvin/task_ABC_D/validation"
@@ -15,6 +16,8 @@ head_heads = 8
 head_self_attention = True  # GR00T N1.5's alternating cross / self-attention DiT
 num_future_tokens = 32
 num_vl_self_attn_layers = 4
+head_dropout = 0.2  # GR00T N1.5's DiT dropout
+clip_actions = True  # CALVIN's rel_actions are clipped to [-1, 1] (calvin_env utils.to_relative_action)
 feature_cache = True
 cache_dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 cache_in_memory = False

@@ -6,6 +6,7 @@ out_dir = "out/vla"
 init_from = "out/align_rl"
 dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
 layer = 18
+image_size = 224  # the backbone checkpoint's (checked); saved in vla.json, applied by eval_libero.py
 robot_data = "libero"
 robot_train = ",".join(f"/data/LIBERO/datasets/{suite}" for suite in
                        ("libero_spatial", "libero_object", "libero_goal", "libero_10"))
@@ -19,6 +20,7 @@ head_heads = 8
 head_self_attention = True  # GR00T N1.5's alternating cross / self-attention DiT
 num_future_tokens = 32
 num_vl_self_attn_layers = 4
+head_dropout = 0.2  # GR00T N1.5's DiT dropout
 # the frozen backbone's layer-18 features, cached once (bf16: ~2 GB per 1K frames at 600 tokens x 3584)
 feature_cache = True
 cache_dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it

@@ -315,6 +315,38 @@ def test_vla_save_load_round_trip(tiny_vla, tmp_path):
     assert loaded.prompt_template == vla.prompt_template and loaded.layer == vla.layer
 
 
+def test_head_dropout_in_training_mode_only():
+    feats, fmask, state, actions, amask = make_batch()
+    noise, t = torch.randn(3, H, D, generator=torch.Generator().manual_seed(1)), torch.full((3,), 0.3)
+    plain, dropped = make_head(), make_head(dropout=0.2)
+    dropped.load_state_dict(plain.state_dict())
+    loss = lambda head, seed: (torch.manual_seed(seed), head.loss(feats, fmask, state, actions, amask, noise=noise, t=t))[1].item()
+    plain.train(), dropped.train()
+    assert loss(dropped, 0) != loss(dropped, 1)  # dropout masks differ per call in training
+    assert loss(dropped, 0) != pytest.approx(loss(plain, 0), rel=1e-4)
+    plain.eval(), dropped.eval()
+    assert loss(dropped, 0) == loss(dropped, 1) == pytest.approx(loss(plain, 0), rel=1e-6)  # eval: no dropout
+    assert dropped.config["dropout"] == 0.2
+
+
+def test_vla_saves_image_size_final_norm_and_clip(tiny_vla, tmp_path):
+    vla = VLA(tiny_vla.backbone, tiny_vla.head, tiny_vla.layer, tiny_vla.norm_stats, backbone_path=tiny_vla.backbone_path,
+              final_norm=True, clip_actions=True)
+    vla.backbone.set_image_size(40)
+    vla.save(str(tmp_path / "vla"))
+    meta = json.load(open(tmp_path / "vla" / "vla.json"))
+    assert (meta["image_size"], meta["final_norm"], meta["clip_actions"]) == (40, True, True)
+    loaded = VLA.load(str(tmp_path / "vla"))
+    assert not loaded.training and not loaded.head.training  # loaded for inference: no dropout
+    assert (loaded.backbone.image_size, loaded.final_norm, loaded.clip_actions) == (40, True, True)
+    images = [camera_images()]
+    inputs = vla.backbone.build_inputs(images, [vla.prompt_template.format(instruction="go")])
+    with torch.no_grad():
+        normed = vla.backbone.hidden_states(inputs, vla.layer, final_norm=True)[0]
+        torch.testing.assert_close(loaded.features(images, ["go"])[0], normed)
+        assert not torch.allclose(normed, vla.backbone.hidden_states(inputs, vla.layer)[0], atol=1e-3)
+
+
 def test_vla_errors_are_clear(tiny_vla, tmp_path):
     vla, images = tiny_vla, camera_images()
     with pytest.raises(ValueError, match="state has 9 dims, the head expects state_dim=8"):

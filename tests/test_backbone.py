@@ -197,11 +197,17 @@ def test_hidden_states_match_full_model(bb):
     inputs = bb.build_inputs(images(2), ["pick up the red block", "open"], ["move left", bb.action_text([1])])
     with torch.no_grad():
         full = bb.model.model(**bb._model_inputs(inputs), output_hidden_states=True).hidden_states
-        for layer in (1, bb.default_layer, bb.num_layers):
+        norm = bb.model.model.language_model.norm
+        for layer in (1, bb.default_layer):
             feats, mask = bb.hidden_states(inputs, layer)
             assert feats.shape == (2, inputs["input_ids"].shape[1], bb.hidden_size)
             assert mask.dtype == torch.bool and torch.equal(mask, inputs["attention_mask"].bool())
             torch.testing.assert_close(feats, full[layer], atol=1e-5, rtol=0)
+            # final_norm: the model's final RMSNorm on the same residual stream (GR00T N1.5 reads this)
+            torch.testing.assert_close(bb.hidden_states(inputs, layer, final_norm=True)[0], norm(full[layer]), atol=1e-5, rtol=0)
+        # HF's last entry is after the final norm
+        torch.testing.assert_close(bb.hidden_states(inputs, bb.num_layers, final_norm=True)[0], full[-1], atol=1e-5, rtol=0)
+        assert not torch.allclose(bb.hidden_states(inputs, bb.num_layers)[0], full[-1], atol=1e-3)
     assert len(bb.model.model.language_model.layers) == bb.num_layers  # the cut is undone
     # layers past `layer` do not run
     calls = []

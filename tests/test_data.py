@@ -251,16 +251,56 @@ def test_conversation_reader(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     for name in ("c.json", "c.jsonl"):
         ds = ConversationDataset(str(tmp_path / name))
-        assert len(ds) == 3  # one sample per human -> gpt turn
-        assert ds[0]["prompt"] == "What is it?" and ds[1]["response"] == "Red." and ds[0]["images"][0][0, 0, 0] == 7
-        assert ds[2]["images"] == []
+        assert len(ds) == 2  # one sample per conversation; a multi-turn one keeps its turns in order
+        assert ds[0]["prompt"] == ["What is it?", "Colour?"] and ds[0]["response"] == ["A block.", "Red."]
+        assert ds[0]["images"][0][0, 0, 0] == 7
+        assert ds[1]["prompt"] == "Hi" and ds[1]["response"] == "Hello" and ds[1]["images"] == []
     records[0]["image"] = "missing.png"
     (tmp_path / "m.json").write_text(json.dumps(records))
     with pytest.raises(FileNotFoundError, match=r"m.json: record 0: image .*missing.png not found"):
         ConversationDataset(str(tmp_path / "m.json"))[0]
     (tmp_path / "o.json").write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}]))
-    with pytest.raises(ValueError, match="o.json: record 0 turn 0: expected human then gpt"):
+    with pytest.raises(ValueError, match="o.json: record 0 turn 0: expected .*'human'.* then .*'gpt'"):
         ConversationDataset(str(tmp_path / "o.json"))
+    (tmp_path / "t.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "y"}, {"from": "gpt", "value": "x"},
+                                                                    {"from": "human", "value": "z"}]}]))
+    with pytest.raises(ValueError, match="t.json: record 0 has 3 turns"):
+        ConversationDataset(str(tmp_path / "t.json"))
+
+
+def test_no_noops_drops_openvla_noops(tmp_path):
+    # openvla's rule: |translation, rotation| < 1e-4 and the gripper command unchanged from the last kept step
+    # (the first step: the motion alone decides)
+    g = -1.0
+    actions = np.array([
+        [0, 0, 0, 0, 0, 0, g],        # 0 no-op (first step, still)
+        [0, 0, 0, 0, 0, 0, g],        # 1 no-op
+        [0.5, 0, 0, 0, 0, 0, g],      # 2 kept (moves)
+        [0, 0, 0, 0, 0, 5e-5, g],     # 3 no-op (motion below the threshold, gripper as step 2)
+        [0, 0, 0, 0, 0, 0, 1.0],      # 4 kept (the gripper closes)
+        [0, 0, 0, 0, 0, 0, 1.0],      # 5 no-op
+        [0, 0, 2e-4, 0, 0, 0, 1.0],   # 6 kept (above the threshold)
+        [0, 0, 0, 0, 0, 0, g],        # 7 kept (the gripper opens)
+    ], np.float32)
+    np.testing.assert_array_equal(data.non_noop_steps(actions), [2, 4, 6, 7])
+    path = tmp_path / "demo.hdf5"
+    write_libero_file(path, actions_shape=actions.shape)
+    with h5py.File(path, "r+") as f:
+        obs = f["data/demo_0/obs"]
+        f["data/demo_0/actions"][...] = actions
+        obs["agentview_rgb"][...] = np.arange(len(actions), dtype=np.uint8)[:, None, None, None]  # frame t is all t
+        obs["ee_states"][...] = np.arange(len(actions))[:, None]
+    full = LiberoDataset(str(path), horizon=2)
+    kept = LiberoDataset(str(path), horizon=2, no_noops=True)
+    assert len(full) == 8 and len(kept) == 4 and kept.num_noops == 4
+    # sample i is the i-th kept step: its image, state and chunk come from that step, chunks run over kept steps
+    for i, t in enumerate([2, 4, 6, 7]):
+        s = kept[i]
+        assert s["images"][0][0, 0, 0] == t and s["state"][0] == t and s["t"] == i
+    np.testing.assert_array_equal(kept[0]["actions"], actions[[2, 4]])
+    np.testing.assert_array_equal(kept[3]["actions"], actions[[7, 7]])
+    assert kept[3]["action_mask"].tolist() == [True, False]
+    np.testing.assert_array_equal(kept.all_actions(), actions[[2, 4, 6, 7]])
 
 
 def test_synthetic_conversations_load(synth):

@@ -132,8 +132,10 @@ def test_metrics_hand_computed():
 
 
 def test_to_env_action():
-    a = ev.to_env_action(np.array([0.5, -2.0, 0.1, 0, 0, 3.0, 0.2], np.float32), "calvin")
-    np.testing.assert_allclose(a, [0.5, -1.0, 0.1, 0, 0, 1.0, 1.0], atol=1e-7)
+    raw = np.array([0.5, -2.0, 0.1, 0, 0, 3.0, 0.2], np.float32)
+    # the official evaluation does not clip; a checkpoint trained on clipped actions clips the same way
+    np.testing.assert_allclose(ev.to_env_action(raw, "calvin"), [0.5, -2.0, 0.1, 0, 0, 3.0, 1.0], atol=1e-7)
+    np.testing.assert_allclose(ev.to_env_action(raw, "calvin", clip=True), [0.5, -1.0, 0.1, 0, 0, 1.0, 1.0], atol=1e-7)
     assert ev.to_env_action(np.zeros(7), "calvin")[6] == -1.0  # 0 is not > 0: close, as CalvinEnvWrapper
     assert ev.to_env_action(np.array([0, 0, 0, 0, 0, 0, 0.2]), "libero")[6] == -1.0  # libero +1 = close
 
@@ -172,7 +174,8 @@ def test_chain_stops_at_first_failure_and_buffer_resets_per_subtask():
 def run_cfg(tmp_path, **overrides):
     cfg = {"checkpoint": str(tmp_path / "ckpt"), "dataset_path": str(tmp_path / "calvin"), "scene": "", "ep_len": 10,
            "replan_steps": 2, "gripper_convention": "calvin", "num_workers": 1, "device": "cpu",
-           "out_dir": str(tmp_path / "out"), "seed": 0, "debug": False, "num_sequences": 4, "debug_num_chains": 0}
+           "out_dir": str(tmp_path / "out"), "seed": 0, "debug": False, "num_sequences": 4, "debug_num_chains": 0,
+           "torch_threads": 1, "chains_cache": str(tmp_path / "chains")}
     return {**cfg, **overrides}
 
 
@@ -207,6 +210,72 @@ def test_workers_do_not_change_results(tmp_path):
     other_seed = ev.evaluate(chains, run_cfg(tmp_path, num_workers=1, seed=1), **factories)
     assert other_seed != one  # the noise matters, so the equality above is not trivial
     assert one == ev.evaluate(chains, run_cfg(tmp_path, num_workers=1), **factories)
+
+
+def test_gripper_state_restored_after_reset_so_workers_do_not_change_results(tmp_path):
+    # the stand-in keeps the gripper command across env.reset as calvin_env's Robot does, and the policy's
+    # sampling depends on robot_obs[14]; chains must still not depend on which worker (after which chain) plays them
+    chains = [as_chain(*c) for c in OFFICIAL_GET_SEQUENCES_10]
+    noisy = functools.partial(load_dummy_policy, flip_prob=0.3)
+    factories = dict(make_env=make_standin_env, make_oracle=make_standin_oracle, load_policy=noisy)
+    one = ev.evaluate(chains, run_cfg(tmp_path, num_workers=1), **factories)
+    three = ev.evaluate(chains, run_cfg(tmp_path, num_workers=3), **factories)
+    assert one == three
+    # every chain's first policy call sees the open gripper of the initial state, whatever ran before
+    env, policy = StandinCalvinEnv(), DummyPolicy()
+    env.robot.gripper_action = -1  # the previous chain ended closed
+    condition, sequence = chains[0]
+    ev.evaluate_chain(env, StandinTasks(), policy, condition, sequence, rollout_cfg())
+    assert policy.calls[0][1][14] == 1.0
+    # without the restore the carried-over gripper changes the results (so the equality above is not trivial)
+    plain_reset = lambda env, robot_obs, scene_obs: env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+    original = ev.reset_env
+    ev.reset_env = plain_reset
+    try:
+        carried = ev.evaluate(chains, run_cfg(tmp_path, num_workers=1), **factories)
+    finally:
+        ev.reset_env = original
+    assert carried != one
+
+
+def test_clip_actions_follows_the_checkpoint(tmp_path):
+    values, sequence = OFFICIAL_GET_SEQUENCES_1000[0]
+    condition = dict(zip(KEYS, values))
+    for clip in (False, True):
+        env = StandinCalvinEnv()
+        ev.evaluate_chain(env, StandinTasks(), DummyPolicy(speed=1.5, clip_actions=clip), condition, sequence, rollout_cfg())
+        assert np.abs(np.stack(env.actions)[:, :3]).max() == pytest.approx(1.0 if clip else 1.5 * np.abs(
+            np.stack([calvin_standin_direction(t) for t in sequence])).max(), rel=1e-6)
+
+
+def calvin_standin_direction(task):
+    from calvin_standin import TASK_DIRECTIONS
+    return TASK_DIRECTIONS[task]
+
+
+def test_chain_cache(tmp_path):
+    cache = tmp_path / "chains"
+    calls = []
+
+    def counting(n):
+        calls.append(n)
+        return ev.get_sequences(n)
+
+    chains = ev.load_chains(10, str(cache), counting)
+    assert chains == [as_chain(*c) for c in OFFICIAL_GET_SEQUENCES_10] and calls == [10]
+    assert ev.load_chains(10, str(cache), counting) == chains and calls == [10]  # read back, not regenerated
+    stored = json.loads((cache / "chains_10.json").read_text())
+    assert stored["sha256"] == ev.chains_sha256(chains)
+    stored["chains"][3][1][0] = "open_drawer"  # a damaged cache is an error naming the file, never replaced
+    (cache / "chains_10.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"chains_10\.json: its chains hash to"):
+        ev.load_chains(10, str(cache), counting)
+    assert json.loads((cache / "chains_10.json").read_text()) == stored
+    # the 1000-chain list is checked against the official checksum (also kept here, independently)
+    assert ev.OFFICIAL_1000_SHA256 == OFFICIAL_1000_SHA256
+    with pytest.raises(ValueError, match="not the official 1000 chains"):
+        ev.load_chains(1000, str(tmp_path / "other"), lambda n: ev.get_sequences(10))
+    assert not (tmp_path / "other" / "chains_1000.json").exists()
 
 
 def test_bad_policy_dims(tmp_path):
