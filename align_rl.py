@@ -6,7 +6,7 @@ reward is r = (r_format + r_action) / 2 with r_action the prefix match of the ge
 demonstration's (data.prefix_match_reward); advantages are normalized within each group; the policy takes
 clipped-ratio steps, optionally with a KL penalty to the frozen start model. Written out here, no RL framework.
 
-    python align_rl.py                                    # embedded default: from out/sft, CPU, ~4 min on 2 cores
+    python align_rl.py                                    # embedded default: from out/sft, CPU
     torchrun --nproc_per_node=8 align_rl.py config/align_rl_qwen2_5_vl_7b.py --fsdp=True   # the paper's recipe
 
 One rollout step: sample G completions per prompt (Backbone.sample: each prompt and its images encoded once,
@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from data import (check_out_dir, check_step, check_compatible, MetricsLogger, NormStats, configure, ensure_synthetic_dataset, fast_target, format_reward,
+from data import (check_out_dir, check_step, check_compatible, MetricsLogger, NormStats, configure, check_data_dir, fast_target, format_reward,
                   global_batch_indices, open_robot_dataset, prefix_match_reward, recover_checkpoint, rng_state,
                   save_checkpoint, set_rng_state, setup_distributed)
 from model import (Backbone, FastTokenizer, clip_grad_norm, compute_context, fsdp_shard, full_state_dict,
@@ -95,7 +95,7 @@ loss_norm = "token"  # "token": sum over the update batch's tokens / their count
 beta = 0.0  # KL-penalty coefficient to the frozen start model (EasyR1: 1e-2); 0 = no reference model is loaded
 kl_estimator = "low_var_kl"  # "k3" (Schulman 2020) | "low_var_kl": k3 clamped to [-10, 10] (EasyR1 / verl)
 # optimization: the paper's constant lr 1e-6 moves a 7B; a 2M-parameter model needs ~1000x more to move in minutes
-max_iters = 40  # rollout steps (~4 min on 2 cores; 60 gave no more: README)
+max_iters = 40  # rollout steps (60 gave no more: docs/embedded_default_notes.md)
 lr = 2e-5
 betas = (0.9, 0.99)  # the tiny recipe's; EasyR1's (0.9, 0.999) in the paper config
 weight_decay = 0.0
@@ -118,6 +118,7 @@ def group_advantages(rewards, kind="grpo", eps=1e-6):
     (EasyR1's compute_grpo_outcome_advantage and TRL both use torch.std); "mean_only": r - group mean. A group
     whose rewards are all equal gets 0 everywhere: it carries no signal."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    assert rewards.dim() == 2, f"rewards must be [prompts, group], got {tuple(rewards.shape)}"
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if kind == "grpo":
         centered = centered / (rewards.std(dim=1, keepdim=True) + eps) if rewards.shape[1] > 1 else centered * 0
@@ -186,6 +187,7 @@ def sequence_logprobs(policy, inputs, completions, mask, temperature, group_size
     Backbone, or its DDP / FSDP wrapper) at the sampling temperature. `inputs` hold the P = N / G prompts
     (left-padded, their images once); the text is repeated G times here."""
     P = inputs["input_ids"].shape[1]
+    assert completions.shape == mask.shape and len(completions) == group_size * len(inputs["input_ids"])
     full = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
     full["input_ids"] = torch.cat([inputs["input_ids"].repeat_interleave(group_size, 0), completions.cpu()], 1)
     full["attention_mask"] = torch.cat([inputs["attention_mask"].repeat_interleave(group_size, 0), mask.cpu()], 1)
@@ -278,8 +280,7 @@ def main():
         reference_fingerprint = weights_fingerprint(reference.state_dict())
 
     # ---- prompts: a seeded subset of the demonstrations (the paper: 12.8K) and held-out ones ----
-    if data_dir == "out/data":
-        ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
+    check_data_dir(data_dir)
     path = lambda p: p.format(data_dir=data_dir)
     robot_kwargs = dict(flip_images=flip_images, no_noops=no_noops) if robot_data == "libero" else {}
     train_set = open_robot_dataset(robot_data, path(robot_train), fast.horizon, **robot_kwargs)

@@ -1,9 +1,9 @@
 """
-Closed-loop CALVIN evaluation of a VLA checkpoint (PAPER.md "Evaluation": CALVIN ABC->D, 1000 chains of
+Closed-loop CALVIN evaluation of a VLA checkpoint (arXiv 2603.21341, evaluation: CALVIN ABC->D, 1000 chains of
 5 language-conditioned subtasks in scene D; success rate of completing 1..5 in a row, and average length).
 
 It follows the official protocol of mees/calvin `calvin_models/calvin_agent/evaluation/evaluate_policy.py`
-(REFERENCES.md section 5):
+(mees/calvin calvin_models/calvin_agent/evaluation/evaluate_policy.py):
   - the chains are calvin_agent's `get_sequences(num_sequences)` (reimplemented below, reproducing the same
     chains for the same seed; calvin_agent's own function is used when it is importable), generated once and
     cached in `chains_cache` with their sha256 (the official 1000 are checked against their known checksum),
@@ -51,9 +51,9 @@ num_sequences = 1000  # get_sequences(n) (official: 1000); a small n draws from 
 ep_len = 360  # env steps per subtask (official EP_LEN)
 replan_steps = 5  # execute the first k of the H predicted actions, then re-plan (openpi LIBERO uses 5)
 gripper_convention = "calvin"  # "calvin": policy outputs rel_actions with +1 = open (CALVIN's own);
-#                                "libero": +1 = close (CONTRACT convention) -> negated before env.step
+#                                "libero": +1 = close (LIBERO's convention) -> negated before env.step
 num_workers = 1  # processes, each with its own env and policy copy
-torch_threads = 1  # torch threads per worker for the policy (1 on CPU: one chunk in ~30 ms, not 100-300); 0 = torch's
+torch_threads = 1  # torch threads per worker for the policy (1: workers do not compete for cores); 0 = torch's
 chains_cache = "out/calvin_chains"  # the generated chains are written here once (with their sha256) and read back
 device = "cpu"  # policy device in every worker
 out_dir = "out/eval_calvin"
@@ -198,7 +198,7 @@ def get_sequences(num_sequences=1000):
 
     The chains are split over the 192 initial conditions as np.array_split does (the first
     num_sequences % 192 get one more), each state samples its share, and the whole list is shuffled with
-    seed 0. About 7M draws for 1000 chains: ~15-25 s on one CPU core (the official one uses a process pool).
+    seed 0. About 7M draws for 1000 chains (the official one uses a process pool); load_chains caches the result.
     """
     states = initial_conditions()
     per_state, extra = divmod(num_sequences, len(states))
@@ -218,7 +218,7 @@ def chains_sha256(chains):
 
 
 def load_chains(num_sequences, cache_dir, sequences_fn=get_sequences):
-    """get_sequences(num_sequences), generated once (4-5 min for the official 1000 on 2 CPU cores) and cached as
+    """get_sequences(num_sequences), generated once (calvin_agent's own takes minutes for the official 1000) and cached as
     <cache_dir>/chains_<n>.json with its sha256; a cache whose chains do not hash to the recorded checksum, or a
     1000-chain list that is not the official one, is an error (never silently replaced)."""
     path = os.path.join(cache_dir, f"chains_{num_sequences}.json") if cache_dir else None
@@ -265,7 +265,7 @@ _BLOCK_YAW_RANGE = (np.pi / 2 - np.pi / 8, np.pi / 2 + np.pi / 8)
 def pyhash_fnv1_32(text):
     """calvin hashes with pyhash.fnv1_32() (a C extension that no longer builds): FNV-1 32-bit with the
     hash starting at pyhash's default seed 0 (not the FNV offset basis), over the UTF-16-LE bytes of a str.
-    Checked against pyhash's own test vectors (tests/test_fnv1.py: b'test' -> 3698262380, u'test' -> 3910690890)."""
+    Checked against pyhash's own test vectors (flier/pyfasthash:tests/test_fnv1.py: b'test' -> 3698262380, u'test' -> 3910690890)."""
     data = text.encode("utf-16-le") if isinstance(text, str) else bytes(text)
     h = 0
     for byte in data:

@@ -1,9 +1,9 @@
 """
-Closed-loop LIBERO evaluation of a VLA checkpoint (PAPER.md "Evaluation": LIBERO-Spatial / Object / Goal /
+Closed-loop LIBERO evaluation of a VLA checkpoint (arXiv 2603.21341, evaluation: LIBERO-Spatial / Object / Goal /
 Long, success rate over 50 trials per task, and their average).
 
 It follows the official protocol of openpi `examples/libero/main.py` and OpenVLA `run_libero_eval.py`
-(REFERENCES.md section 4):
+(openpi examples/libero/main.py, openvla experiments/robot/libero/run_libero_eval.py):
   - every task of each suite (libero_spatial, libero_object, libero_goal, libero_10, libero_90), 50 trials each,
   - trial i starts from the task's i-th fixed initial state: env.reset(), env.set_init_state(get_task_init_states(task)[i]),
   - 10 settle steps with the dummy action [0, 0, 0, 0, 0, 0, -1] while the objects drop into place (not counted),
@@ -30,8 +30,7 @@ batch_size only, never on num_envs: the waves are fixed by the job list, each en
 and each episode draws its flow-matching noise from its own generator (seed, suite, task, trial), so
 num_envs only decides which process steps which env. (batch_size changes the policy's batch and so can
 change its outputs in the last float bits, hence it stays fixed when comparing runs.)
-Costs measured on a 2-core CPU box: env creation 4-11 s and ~1 GB of memory each, env.reset() 2-5 s,
-one step with two 256x256 cameras ~0.2 s; a full suite is a GPU-node job, a smoke run takes a minute.
+A full suite is a GPU-node job (README, measurements); a smoke run takes a minute on a laptop.
 
 LIBERO is an optional dependency: see _INSTALL_HELP below.
 """
@@ -67,7 +66,7 @@ videos_per_task = 0  # save the rollouts of the first n trials of each task as <
 out_dir = "out/eval_libero"
 # -----------------------------------------------------------------------------
 
-# The protocol (REFERENCES.md 4.1 / 4.2). Max steps: the longest training demo of each suite is
+# The protocol (openpi examples/libero/main.py, openvla run_libero_eval.py). Max steps: the longest training demo of each suite is
 # 193 / 254 / 270 / 505 / 373 steps.
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_STEPS_WAIT = 10  # settle steps before the policy acts

@@ -1,12 +1,12 @@
 """RoboAlign model code, by hand: the FAST action tokenizer, the MLLM backbone wrapper, the flow-matching
 DiT action head and the VLA that joins them. Read top to bottom; each section starts with what it is for.
 
-    FastTokenizer   action chunk [H, D] <-> FAST ids (DCT + BPE)             PAPER.md "Stage 0"
-    Backbone        Qwen2.5-VL / Qwen3-VL + <ACTION_START> <act_i> <ACTION_END>  PAPER.md "Stage 0-2"
+    FastTokenizer   action chunk [H, D] <-> FAST ids (DCT + BPE)             arXiv 2603.21341 stage 0
+    Backbone        Qwen2.5-VL / Qwen3-VL + <ACTION_START> <act_i> <ACTION_END>  arXiv 2603.21341 stages 0-2
     token_logprobs  log-probs of chosen tokens, LM head in chunks (never [B, L, vocab])
     fsdp_shard      FSDP2 (torch's fully_shard) for a Backbone, plus full state dicts for saving / resuming
-    ActionHead      GR00T N1.5 style flow-matching DiT                        PAPER.md "Stage 3"
-    VLA             frozen backbone layer features -> ActionHead              PAPER.md "Stage 3"
+    ActionHead      GR00T N1.5 style flow-matching DiT                        arXiv 2603.21341 stage 3
+    VLA             frozen backbone layer features -> ActionHead              arXiv 2603.21341 stage 3
 """
 
 import hashlib
@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 # -----------------------------------------------------------------------------
 # FAST action tokenizer (Pertsch et al. 2025): DCT-II along time -> scale and round -> flatten
-# frequency-major -> byte-pair encoding of the integer sequence. Pure numpy (REFERENCES section 1).
+# frequency-major -> byte-pair encoding of the integer sequence. Pure numpy (physical-intelligence/fast processing_action_tokenizer.py).
 
 
 FAST_FORMAT_VERSION = 1
@@ -41,7 +41,7 @@ _DCT_MATRICES = {}
 
 def dct_matrix(T: int) -> np.ndarray:
     """Orthonormal DCT-II matrix M [T, T] (float64): coeff = M @ x along time, equal to
-    scipy.fft.dct(x, type=2, norm="ortho", axis=0) (REFERENCES 1.3). M is orthogonal, so its inverse,
+    scipy.fft.dct(x, type=2, norm="ortho", axis=0) (processing_action_tokenizer.py). M is orthogonal, so its inverse,
     the orthonormal DCT-III (scipy idct norm="ortho"), is M.T. Cached per T, read-only."""
     if T not in _DCT_MATRICES:
         n, k = np.arange(T)[None, :], np.arange(T)[:, None]
@@ -68,7 +68,7 @@ def _merge_pair(seq: np.ndarray, a: int, b: int, new_id: int):
 
 
 def _learn_bpe(sequences: np.ndarray, alphabet_size: int, vocab_size: int) -> list:
-    """Integer BPE (the algorithm HF's BpeTrainer runs in the reference, REFERENCES 1.4, minus its byte-level
+    """Integer BPE (the algorithm HF's BpeTrainer runs in the reference, processing_action_tokenizer.py, minus its byte-level
     pre-tokenizer): repeatedly merge the most frequent adjacent pair, counting overlapping occurrences,
     ties -> smallest (a, b); stop at vocab_size ids or when no pair occurs twice (min_frequency=2).
     Speed: identical sequences are counted once with a weight, and all of them live in one flat array
@@ -131,7 +131,7 @@ class FastTokenizer:
     @staticmethod
     def _coefficients(chunks, scale):
         """[N, T, D] -> int64 [N, T*D]: DCT-II ortho along time, round(coeff * scale) (np.rint, half to even like
-        the reference's np.around), flatten each [T, D] in C order = frequency-major (REFERENCES 1.3)."""
+        the reference's np.around), flatten each [T, D] in C order = frequency-major (processing_action_tokenizer.py)."""
         coeff = np.einsum("kt,ntd->nkd", dct_matrix(chunks.shape[1]), chunks)
         return np.rint(coeff * scale).astype(np.int64).reshape(len(chunks), -1)
 
@@ -159,7 +159,7 @@ class FastTokenizer:
         if not np.isfinite(chunks).all():
             raise ValueError("FastTokenizer: action chunk contains NaN or inf")
         # Coefficients outside the fitted [min, max] are clipped into range (the reference clamps only below,
-        # REFERENCES 1.3; an id above the alphabet would collide with a merge id). This bounds the error for
+        # processing_action_tokenizer.py; an id above the alphabet would collide with a merge id). This bounds the error for
         # out-of-distribution chunks instead of failing.
         symbols = np.clip(self._coefficients(chunks, self.scale) - self.min_token, 0, self.alphabet_size - 1)
         return [self._bpe_encode(row) for row in symbols.tolist()]
@@ -173,7 +173,7 @@ class FastTokenizer:
     def decode(self, ids, return_valid=False):
         """FAST ids -> np.float32 [T, D] (normalized units). Never raises on ints in [0, vocab_size): a sequence
         that expands to != T*D coefficients is truncated / zero-padded on the right (lerobot relaxed decoding,
-        REFERENCES 1.5) and reported valid=False, as is one holding an id that encode never produces."""
+        processing_action_tokenizer.py) and reported valid=False, as is one holding an id that encode never produces."""
         ids = np.asarray(ids)
         if ids.size == 0:
             ids = np.zeros(0, dtype=np.int64)
@@ -216,10 +216,10 @@ class FastTokenizer:
 
 
 # -----------------------------------------------------------------------------
-# Backbone: a thin wrapper around an HF Qwen-VL model + its processor (PAPER "Stage 0", DESIGN "Backbone").
+# Backbone: a thin wrapper around an HF Qwen-VL model + its processor (arXiv 2603.21341 stage 0).
 # Adds <ACTION_START>, <ACTION_END> and one token <act_i> per FAST id, builds (images, prompt, response)
 # training inputs with labels on the response only, generates completions, and reads the hidden states
-# of one middle decoder layer for the VLA's action head (PAPER "Stage 3": layer 18 of 28).
+# of one middle decoder layer for the VLA's action head (arXiv 2603.21341 stage 3: layer 18 of 28).
 
 
 BACKBONE_JSON = "roboalign_backbone.json"  # our FAST id <-> vocabulary id mapping, saved next to the HF files
@@ -342,7 +342,7 @@ def _save_hf(model, processor, out_dir, state_dict=None):
 class _PreallocatedLayer(DynamicLayer):
     """A KV-cache layer for Backbone.sample: the prompt's keys / values repeated G times (each row's group shares
     its prompt) in a buffer sized for the whole generation, so a new token is written in place; HF's DynamicLayer
-    concatenates the whole cache at every token (40% of the tiny model's sampling time)."""
+    concatenates the whole cache at every token."""
 
     def __init__(self, keys, values, repeat, capacity):
         super().__init__()
@@ -377,7 +377,7 @@ class Backbone(nn.Module):
         self.pad_id = pad if pad is not None else self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         cfg = model.config
         self.image_token_id = cfg.image_token_id
-        # placeholder ids a completion must never contain (DESIGN pitfall: "Image features and image tokens do not match")
+        # placeholder ids a completion must never contain (HF raises "Image features and image tokens do not match" otherwise)
         self.image_token_ids = sorted({cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id})
         self._check_action_tokens()
 
@@ -513,7 +513,7 @@ class Backbone(nn.Module):
 
     def freeze_vision_blocks(self):
         """requires_grad off for the vision tower except its merger (Qwen-VL's projector into the LLM, which
-        trains): PAPER.md stage 1 keeps the vision encoder frozen."""
+        trains): arXiv 2603.21341 stage 1 keeps the vision encoder frozen."""
         for name, p in self.model.model.visual.named_parameters():
             p.requires_grad_(name.startswith("merger."))
 
@@ -714,12 +714,11 @@ class Backbone(nn.Module):
     def generate(self, inputs, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
         """Completion ids only [B, new], right-padded with pad_id after <|im_end|>. All sampling settings are
         explicit (top_k off, no repetition penalty) so a checkpoint's generation_config cannot change them;
-        image / video / vision-start / vision-end ids are suppressed (DESIGN pitfall). Generation stops when
+        image / video / vision-start / vision-end ids are suppressed (a generated image id breaks the next forward). Generation stops when
         every sequence has emitted <|im_end|>."""
         with self.gathered():
             model_inputs = self._model_inputs(inputs)
-            if (model_inputs["attention_mask"][:, -1] == 0).any():
-                raise ValueError("generate needs left-padded inputs: build_inputs(..., responses=None)")
+            assert (model_inputs["attention_mask"][:, -1] == 1).all(), "generate takes left-padded inputs (responses=None)"
             sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}  # top_k=0: off
             out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                       repetition_penalty=1.0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
@@ -737,8 +736,7 @@ class Backbone(nn.Module):
         decoding stops when every row has emitted <|im_end|>."""
         with self.gathered():
             model_inputs = self._text_positions(self._model_inputs(inputs))
-            if (model_inputs["attention_mask"][:, -1] == 0).any():
-                raise ValueError("sample needs left-padded inputs: build_inputs(..., responses=None)")
+            assert (model_inputs["attention_mask"][:, -1] == 1).all(), "sample takes left-padded inputs (responses=None)"
             inner = self.model.model
             inner.rope_deltas = None  # set by the prompt's forward below (Qwen-VL's 3D rope offsets)
             out = self.model(**model_inputs, use_cache=True, logits_to_keep=1)
@@ -796,6 +794,7 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, suppress_ids=(), c
     the entropy [M] (detached) or None. Computed as the target logit minus the logsumexp, chunk_tokens rows at
     a time; with grad each chunk is recomputed in backward (torch.utils.checkpoint), so the memory peak is one
     chunk's [chunk, vocab] fp32 logits, never [M, vocab] (a 7B's 152k vocabulary x 2k tokens would be 1.2 GB a row)."""
+    assert hidden.dim() == 2 and targets.shape == hidden.shape[:1], (tuple(hidden.shape), tuple(targets.shape))
     suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=hidden.device)
 
     def chunk(h, t):
@@ -900,11 +899,11 @@ def compute_context(device, dtype, fsdp=False):
 
 # -----------------------------------------------------------------------------
 # Stage 3: the VLA = frozen MLLM middle-layer features + a flow-matching DiT action head
-# (GR00T N1.5 style; PAPER.md "Stage 3", REFERENCES.md section 2).
+# (GR00T N1.5 style; arXiv 2603.21341 stage 3, Isaac-GR00T gr00t/model/action_head/flow_matching_action_head.py).
 
 
-NUM_TIMESTEP_BUCKETS = 1000  # GR00T feeds int(t * 1000) to its time encoders (REFERENCES 2.2)
-TIME_EMBED_FREQ_DIM = 256  # diffusers Timesteps(256, ...) in GR00T's TimestepEncoder (REFERENCES 2.5)
+NUM_TIMESTEP_BUCKETS = 1000  # GR00T feeds int(t * 1000) to its time encoders (flow_matching_action_head.py)
+TIME_EMBED_FREQ_DIM = 256  # diffusers Timesteps(256, ...) in GR00T's TimestepEncoder (cross_attention_dit.py)
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=False, downscale_freq_shift=0.0, max_period=10000.0):
@@ -924,7 +923,7 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos=False, downscale_freq_shi
 
 
 def sample_flow_time(batch_size, device=None, generator=None, alpha=1.5, noise_s=0.999):
-    """GR00T's flow time: s ~ Beta(1.5, 1), t = 0.999 * (1 - s); t=0 is noise, t=1 is data (REFERENCES 2.2).
+    """GR00T's flow time: s ~ Beta(1.5, 1), t = 0.999 * (1 - s); t=0 is noise, t=1 is data (flow_matching_action_head.py).
 
     Beta(a, 1) has CDF s^a, so s = u^(1/a) with u ~ U(0, 1) samples it exactly and honours `generator`.
     E[s] = a / (a + 1) = 0.6, so E[t] = 0.999 * 0.4 = 0.3996: most mass near the noisy end.
@@ -975,7 +974,7 @@ class FeedForward(nn.Module):
 
 
 class AdaLayerNorm(nn.Module):
-    """LN(x) * (1 + scale) + shift, (scale, shift) = Linear(SiLU(temb)) (GR00T AdaLayerNorm, REFERENCES 2.5)."""
+    """LN(x) * (1 + scale) + shift, (scale, shift) = Linear(SiLU(temb)) (GR00T AdaLayerNorm, cross_attention_dit.py)."""
 
     def __init__(self, width):
         super().__init__()
@@ -1022,7 +1021,7 @@ class DiTBlock(nn.Module):
 
 
 class ActionHead(nn.Module):
-    """Flow-matching diffusion-transformer action head (GR00T N1.5, REFERENCES 2.2-2.5), single embodiment.
+    """Flow-matching diffusion-transformer action head (GR00T N1.5, Isaac-GR00T gr00t/model/action_head/), single embodiment.
 
     Inputs and outputs are in normalized units. Tokens into the DiT: [state (1) | future (K) | actions (H)];
     even blocks cross-attend to the (normed, self-attended) VL features, odd blocks self-attend; all blocks
@@ -1141,7 +1140,7 @@ class ActionHead(nn.Module):
     def forward(self, features, feature_mask, state, noisy_actions, t, action_mask=None):
         return self.velocity(self.encode_context(features, feature_mask, state), noisy_actions, t, action_mask)
 
-    # --- flow matching (GR00T convention: t=0 noise, t=1 data; REFERENCES 2.2) -------------------------
+    # --- flow matching (GR00T convention: t=0 noise, t=1 data; flow_matching_action_head.py) -------------------------
     def loss(self, features, feature_mask, state, actions, action_mask=None, noise=None, t=None, generator=None):
         """Velocity MSE over valid steps and all dims, / number of valid elements. noise/t: fixed for tests."""
         self._check(features, feature_mask, state, actions, action_mask)
@@ -1206,7 +1205,7 @@ def _check_images(images_list, where):
 
 
 class VLA(nn.Module):
-    """Frozen MLLM middle-layer features + flow-matching action head (PAPER.md "Stage 3", GR00T N1.5).
+    """Frozen MLLM middle-layer features + flow-matching action head (arXiv 2603.21341 stage 3, GR00T N1.5).
 
     The backbone is referenced, not copied: vla.json stores the path of the stage checkpoint it came from.
     norm_stats (data.NormStats) maps robot units <-> the head's normalized units.

@@ -1,7 +1,7 @@
 """Stage 1 of RoboAlign: supervised fine-tuning of the MLLM on a mixture of VQA, zero-shot reasoning and
-FAST action-token prediction (PAPER.md "Stage 1").
+FAST action-token prediction (arXiv 2603.21341 stage 1).
 
-    python sft.py                                          # the embedded default: tiny model, CPU, 4-8 min on 2 cores
+    python sft.py                                          # the embedded default: tiny model, CPU
     python sft.py --max_iters=100 --lr=1e-3                # any module-level key can be overridden
     torchrun --nproc_per_node=2 sft.py --max_iters=20      # DDP (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node=8 sft.py config/sft_qwen2_5_vl_7b_libero.py   # the paper's recipe
@@ -12,7 +12,7 @@ e.g. --init_from=path/of/a/saved/backbone (the issue's `--backbone=<path>`). A d
 fast_tokenizer.json + norm_stats.json (an earlier out/sft) keeps its FAST tokenizer, whose ids its embedding
 rows were trained on.
 
-Writes out_dir (DESIGN.md "Checkpoints"): the backbone in HF format, fast_tokenizer.json, norm_stats.json,
+Writes out_dir (README, checkpoints): the backbone in HF format, fast_tokenizer.json, norm_stats.json,
 run_config.json, train_state.pt (for --resume) and metrics.jsonl (step/loss/lr every step; eval lines
 with val_loss, action_exact, action_prefix, reasoning_format, think_action_format, think_action_prefix).
 """
@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from data import (check_out_dir, check_step, check_compatible, ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, ensure_synthetic_dataset,
+from data import (check_out_dir, check_step, check_compatible, ConversationDataset, MetricsLogger, NormStats, chunk_at, configure, cosine_lr, check_data_dir,
                   fast_target, format_reward, global_batch_indices, open_robot_dataset, prefix_match_reward,
                   recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed, split_global_batch)
 from model import (Backbone, FastTokenizer, clip_grad_norm, compute_context, fsdp_shard, full_state_dict,
@@ -50,7 +50,7 @@ max_pixels = 0  # (the tiny backbone fixes image_size^2); the setting is saved w
 max_seq_len = 0  # > 0: longer samples keep the prompt and the response's first tokens (Backbone.build_inputs)
 logprob_chunk = 1024  # tokens per LM-head chunk: the head runs only at supervised positions (model.token_logprobs)
 seed = 0
-# tiny backbone sizes (init_from="tiny" only); DESIGN.md calibration: 4 layers x 192 learns in CPU minutes
+# tiny backbone sizes (init_from="tiny" only)
 n_layer = 4
 n_head = 4
 n_embd = 192
@@ -72,7 +72,7 @@ robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False  # rotate robot images by 180 degrees (official LIBERO files, see data.LiberoDataset)
 no_noops = True  # LIBERO: drop no-op steps as openvla / openpi train (data.LiberoDataset)
-# mixture weights (PAPER.md "Stage 1": (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
+# mixture weights (arXiv 2603.21341 stage 1: (a) VQA, (b) reasoning, (c) FAST action prediction). (d) think_action:
 # the RL prompt answered with a thought (the data's per-step scene reasoning if it has any) and the action
 # tokens. Stage 2 (align_rl.py) prompts with REASONING_ACTION_PROMPT and rewards
 # <think>..</think><answer><ACTION_START>..<ACTION_END></answer>, a format a 2M-parameter model never
@@ -86,7 +86,7 @@ action_prompt = data.ACTION_PROMPT
 think_action_prompt = data.REASONING_ACTION_PROMPT
 think_action_response = "<think>{thought}</think><answer>{action}</answer>"
 think_action_thought = "I need to {instruction}."  # the thought for robot data without per-step reasoning
-# FAST action tokens (PAPER.md "Stage 0")
+# FAST action tokens (arXiv 2603.21341 stage 0)
 action_horizon = 8  # chunk length H of the FAST targets
 fast_vocab_size = 16  # 2048 in the paper; see fast_scale
 fast_scale = 1.0  # 10 in FAST; coarse here so the exact-token metric is reachable on CPU (see below)
@@ -99,12 +99,12 @@ gradient_accumulation_steps = 1  # over all processes (nanoGPT): global batch = 
 max_iters = 1000
 lr = 2e-3
 min_lr = 2e-4
-warmup_frac = 0.03  # PAPER.md: warm-up 3%, cosine
+warmup_frac = 0.03  # arXiv 2603.21341: warm-up 3%, cosine
 weight_decay = 0.0  # (open) not stated in the paper; never applied to 1-D params (norms, biases)
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-freeze_vision = True  # PAPER.md: vision encoder frozen (the merger / projector still trains)
+freeze_vision = True  # arXiv 2603.21341: vision encoder frozen (the merger / projector still trains)
 vision_lr_scale = 1.0  # lr multiplier of the vision blocks when freeze_vision=False
 gradient_checkpointing = False
 # evaluation and logging
@@ -173,24 +173,6 @@ def check_images_exist(dataset):
                 raise OSError(f"{dataset.path}: record {s['record']}: {full} is not an image ({e})") from e
 
 
-def demonstrations(robot, max_steps, seed):
-    """(actions [T, D], states [T, S]) of each training demonstration, for NormStats and the FAST fit. LIBERO's
-    are in memory; CALVIN reads one file per frame, so whole language windows are read in a seeded order
-    until max_steps frames."""
-    if hasattr(robot, "episodes"):
-        return [(ep["actions"], ep["states"]) for ep in robot.episodes]
-    demos, n_frames = [], 0
-    for w in np.random.default_rng(seed).permutation(len(robot.windows)):
-        start, end, _ = robot.windows[w]
-        frames = [robot.frame(t) for t in range(start, end + 1)]
-        demos.append((np.stack([f[robot.action_key] for f in frames]).astype(np.float32),
-                      np.stack([f[robot.state_key] for f in frames]).astype(np.float32)))
-        n_frames += len(frames)
-        if n_frames >= max_steps:
-            break
-    return demos
-
-
 def main():
     config = configure(globals())
     check_out_dir(out_dir, resume, overwrite)  # before anything is read or written
@@ -205,8 +187,7 @@ def main():
     autocast = compute_context(device, compute_dtype, fsdp)
 
     # ---- data (every error about paths, files or images is raised here, before training) ----
-    if data_dir == "out/data":
-        ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
+    check_data_dir(data_dir)
     path = lambda p: p.format(data_dir=data_dir)
     root = path(image_root) or None
 
@@ -231,7 +212,7 @@ def main():
     train_sets.update(action=robot, think_action=robot)
     val_sets.update(action=robot_val_set, think_action=robot_val_set)
 
-    # ---- backbone, FAST tokenizer and normalization (PAPER.md "Stage 0") ----
+    # ---- backbone, FAST tokenizer and normalization (arXiv 2603.21341 stage 0) ----
     if master:
         recover_checkpoint(out_dir)
     if ddp:
@@ -250,7 +231,7 @@ def main():
     own_fast = os.path.isdir(source) and os.path.isfile(os.path.join(source, "fast_tokenizer.json"))
     fast_path = fast_tokenizer_path or (os.path.join(source, "fast_tokenizer.json") if own_fast else "")
     stats_path = norm_stats_path or (os.path.join(source, "norm_stats.json") if own_fast else "")
-    demos = demonstrations(robot, fast_fit_max_chunks, seed) if not (stats_path and fast_path) else None
+    demos = robot.demonstrations(fast_fit_max_chunks, seed) if not (stats_path and fast_path) else None
     if stats_path:
         norm_stats = NormStats.load(stats_path)
         check_compatible(robot[0], path(robot_train), norm_stats, stats_path)  # before the FAST fit uses them
@@ -286,7 +267,7 @@ def main():
         return backbone.build_inputs([e["images"] for e in examples], [e["prompt"] for e in examples],
                                      [e["response"] for e in examples], max_length=max_seq_len)
 
-    # ---- model, optimizer (PAPER.md "Stage 1": vision encoder frozen, everything else trained) ----
+    # ---- model, optimizer (arXiv 2603.21341 stage 1: vision encoder frozen, everything else trained) ----
     if freeze_vision:
         backbone.freeze_vision_blocks()
     if gradient_checkpointing:

@@ -1,16 +1,15 @@
 """Stage 3 of RoboAlign: the VLA. A frozen MLLM backbone (the aligned one from align_rl.py, or any other for
 the baselines) feeds the hidden states of one middle layer to a new flow-matching DiT action head, trained on
-robot demonstrations (PAPER.md "Stage 3", GR00T N1.5).
+robot demonstrations (arXiv 2603.21341 stage 3, GR00T N1.5).
 
-    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU, ~4 min on 2 cores
+    python train_vla.py                                   # embedded default: backbone out/align_rl, CPU
     python train_vla.py --init_from=out/sft --out_dir=out/vla_sft    # the SFT-only baseline, same budget
     torchrun --nproc_per_node=8 train_vla.py config/vla_qwen2_5_vl_7b_libero.py
 
 Because the backbone is frozen, its features are a pure function of (backbone weights, layer, prompt, images):
 with feature_cache=True they are computed once for every training sample (batched, no_grad) and stored in
 safetensors shards under cache_dir/<fingerprint>/, and the head trains from them. Without image augmentation
-the gradients are the same as computing the features every step, only much cheaper (embedded default, 2 cores:
-the first 20 losses agree to every printed digit; 53 vs 320 ms per step (6x), after ~2.3 min building the cache).
+the gradients are the same as computing the features every step, only much cheaper (README, measurements).
 The fingerprint hashes the backbone's weights, the layer, the prompt template, the image settings and the
 dataset files, so a cache built from another backbone or layer is never reused.
 
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from data import (check_out_dir, check_step, MetricsLogger, NormStats, configure, cosine_lr, ensure_synthetic_dataset, global_batch_indices,
+from data import (check_out_dir, check_step, MetricsLogger, NormStats, configure, cosine_lr, check_data_dir, global_batch_indices,
                   open_robot_dataset, recover_checkpoint, rng_state, save_checkpoint, set_rng_state, setup_distributed,
                   split_global_batch)
 from model import VLA, ActionHead, Backbone, clip_grad_norm, compute_context, fsdp_shard, full_state_dict, weights_fingerprint
@@ -63,7 +62,7 @@ robot_train = "{data_dir}/libero/train"
 robot_val = "{data_dir}/libero/val"
 flip_images = False  # official LIBERO hdf5 files: True (see data.LiberoDataset)
 no_noops = True  # LIBERO: drop no-op steps as openvla / openpi train (data.LiberoDataset)
-action_horizon = 16  # PAPER.md: horizon 16
+action_horizon = 16  # arXiv 2603.21341: horizon 16
 action_dim = 7
 clip_actions = False  # the training actions are clipped to [-1, 1] (CALVIN's rel_actions are: calvin_env
 # utils.to_relative_action); saved in vla.json, so eval_calvin.py clips the policy's actions only then
@@ -78,7 +77,7 @@ head_dropout = 0.0  # attention and MLP dropout of the head in training (GR00T N
 head_self_attention = False
 num_future_tokens = 0  # GR00T's future tokens are read only through self-attention
 num_vl_self_attn_layers = 1
-num_inference_steps = 4  # Euler steps at inference (PAPER.md)
+num_inference_steps = 4  # Euler steps at inference (arXiv 2603.21341)
 # feature cache
 feature_cache = True
 cache_dir = "out/feature_cache"
@@ -110,18 +109,6 @@ overwrite = False  # start again over a run in out_dir (its log and checkpoint a
 def dataset_fingerprint(dataset):
     files = getattr(dataset, "files", None) or [dataset.root]
     return [(os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
-
-
-def targets(dataset, i):
-    """(state [S], action chunk [H, D], mask [H]) of sample i without decoding its images when the reader
-    keeps actions in memory (LIBERO); CALVIN reads the frames."""
-    if hasattr(dataset, "episodes"):
-        e, t = dataset.index[i]
-        ep = dataset.episodes[e]
-        chunk, mask = data.chunk_at(ep["actions"], t, dataset.horizon)
-        return ep["states"][t], chunk, mask
-    s = dataset[i]
-    return s["state"], s["actions"], s["action_mask"]
 
 
 class FeatureCache:
@@ -243,27 +230,23 @@ def main():
     autocast = compute_context(device, compute_dtype)  # the head's fp32 weights, matmuls in the compute dtype
 
     # ---- data ----
-    if data_dir == "out/data":
-        ensure_synthetic_dataset(data_dir, seed=0, rank=rank)
+    check_data_dir(data_dir)
     path = lambda p: p.format(data_dir=data_dir)
     robot_kwargs = dict(flip_images=flip_images, no_noops=no_noops) if robot_data == "libero" else {}
     train_set = open_robot_dataset(robot_data, path(robot_train), action_horizon, **robot_kwargs)
     val_set = open_robot_dataset(robot_data, path(robot_val), action_horizon, **robot_kwargs) if robot_val else None
-    _, chunk, _ = targets(train_set, 0)
+    _, chunk, _ = train_set.targets(0)
     if chunk.shape[-1] != action_dim:
         raise ValueError(f"{path(robot_train)}: demonstrations have {chunk.shape[-1]}-D actions, the head is configured "
                          f"for action_dim={action_dim}")
-    if clip_actions:
-        actions = train_set.all_actions() if hasattr(train_set, "episodes") else train_set.all_actions(step=10)
-        if np.abs(actions[:, :-1]).max() > 1.0 + 1e-6:
-            raise ValueError(f"clip_actions=True, but the actions of {path(robot_train)} reach {np.abs(actions[:, :-1]).max():.3f} "
-                             "outside [-1, 1]: they were not clipped, so the policy's actions must not be either")
-    if hasattr(train_set, "episodes"):
-        norm_stats = NormStats.compute(train_set.all_actions(), train_set.all_states())
-    else:  # CALVIN: one file per frame, so a subsample
-        norm_stats = NormStats.compute(train_set.all_actions(step=10), train_set.all_states(step=10))
+    demos = train_set.demonstrations(max_steps=200_000, seed=seed)  # CALVIN: a seeded subset of its windows
+    actions = np.concatenate([a for a, _ in demos])
+    norm_stats = NormStats.compute(actions, np.concatenate([s for _, s in demos]))
+    if clip_actions and np.abs(actions[:, :-1]).max() > 1.0 + 1e-6:
+        raise ValueError(f"clip_actions=True, but the actions of {path(robot_train)} reach {np.abs(actions[:, :-1]).max():.3f} "
+                         "outside [-1, 1]: they were not clipped, so the policy's actions must not be either")
 
-    # ---- frozen backbone + new head (PAPER.md "Stage 3") ----
+    # ---- frozen backbone + new head (arXiv 2603.21341 stage 3) ----
     if master:
         recover_checkpoint(out_dir)
     state_path = os.path.join(out_dir, "train_state.pt")
@@ -275,7 +258,7 @@ def main():
     if fsdp:
         fsdp_shard(backbone.requires_grad_(False), compute_dtype)
     feature_layer = layer or backbone.default_layer
-    state_dim = len(targets(train_set, 0)[0])
+    state_dim = len(train_set.targets(0)[0])
     head = ActionHead(backbone.hidden_size, action_dim=action_dim, state_dim=state_dim, horizon=action_horizon,
                       width=head_width, depth=head_depth, heads=head_heads, num_future_tokens=num_future_tokens,
                       num_vl_self_attn_layers=num_vl_self_attn_layers, dropout=head_dropout,
@@ -323,7 +306,7 @@ def main():
             print(f"feature cache {cache.dir}: reused")
 
     def batch(indices):
-        states, chunks, masks = zip(*(targets(train_set, i) for i in indices))
+        states, chunks, masks = zip(*(train_set.targets(i) for i in indices))
         out = dict(state=norm_stats.normalize_state(np.stack(states)), actions=norm_stats.normalize_actions(np.stack(chunks)),
                    action_mask=np.stack(masks))
         if cache is not None:
@@ -363,7 +346,7 @@ def main():
         out = dict(val_action_mse=masked_mse(pred, tgt, mask), val_action_mse_first=masked_mse(pred[:, :1], tgt[:, :1], mask[:, :1]))
         if with_floor:  # always predicting the training set's mean normalized chunk
             idx = np.random.default_rng(seed + 3).permutation(len(train_set))[:4096]
-            mean_chunk = norm_stats.normalize_actions(np.stack([targets(train_set, i)[1] for i in idx])).mean(0)
+            mean_chunk = norm_stats.normalize_actions(np.stack([train_set.targets(i)[1] for i in idx])).mean(0)
             out["val_mse_mean_action"] = masked_mse(mean_chunk[None], tgt, mask)
         return {k: round(v, 6) for k, v in out.items()}
 
@@ -451,8 +434,8 @@ def main():
             checkpoint(step)
     bar.close()
     weights = full_state_dict(backbone) if feature_cache else None  # a collective under FSDP: rank 0 checks
-    if feature_cache and master and weights_fingerprint(weights) != frozen_fingerprint:
-        raise RuntimeError("the backbone's weights changed during training; the feature cache no longer matches it")
+    if feature_cache and master:
+        assert weights_fingerprint(weights) == frozen_fingerprint, "the frozen backbone changed: the feature cache no longer matches it"
     if master:
         print(f"done: {out_dir}")
     if ddp:

@@ -30,7 +30,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-from data import LiberoDataset, NormStats, chunk_at, make_synthetic_dataset  # noqa: E402
+from data import LiberoDataset, NormStats, chunk_at  # noqa: E402
+from prepare.synthetic import make_synthetic_dataset  # noqa: E402
 from model import Backbone, FastTokenizer  # noqa: E402
 
 BACKBONE = dict(hidden_size=192, num_layers=4, num_heads=4, vision_depth=2, vision_hidden_size=256)  # sft.py's tiny sizes

@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import COLORS, TABLE, LiberoDataset, NormStats, chunk_at, cosine_lr, global_batch_indices  # noqa: E402
+from data import LiberoDataset, NormStats, chunk_at, cosine_lr, global_batch_indices  # noqa: E402
+from prepare.synthetic import COLORS, TABLE  # noqa: E402
 from model import VLA, ActionHead  # noqa: E402
 
 

@@ -17,7 +17,7 @@ gradient_checkpointing = True
 micro_batch_size = 10  # sequences per forward / backward: two groups (prompt ~ 2 images + 100 tokens, 2048 new)
 generation_batch = 16  # prompts per sampling call: 80 sequences of KV cache
 image_size = 224  # the stage-1 checkpoint's (checked)
-robot_data = "libero"  # or "bridge" as in the paper (data.open_bridge_dataset; see config/sft_bridge_qwen2_5_vl_7b.py)
+robot_data = "libero"  # BridgeData V2 as in the paper: the files prepare/bridge.py writes (config/sft_bridge_qwen2_5_vl_7b.py)
 robot_train = ",".join(f"/data/LIBERO/datasets/{suite}" for suite in
                        ("libero_spatial", "libero_object", "libero_goal", "libero_10"))
 robot_val = ""

@@ -1,4 +1,4 @@
-# CALVIN ABC->D (PAPER.md "Evaluation"): the VLA trained on scenes A, B, C plays the official 1000 chains of
+# CALVIN ABC->D (arXiv 2603.21341, evaluation): the VLA trained on scenes A, B, C plays the official 1000 chains of
 # 5 subtasks in scene D (<dataset_path>/validation). Usage:
 #   python eval_calvin.py config/calvin_abc_d.py --checkpoint=out/vla_calvin --dataset_path=/data/calvin/task_ABC_D
 # For a smoke run keep the official chain list and play its first chains: --debug_num_chains=20

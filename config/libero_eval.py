@@ -1,6 +1,6 @@
-# LIBERO (PAPER.md "Evaluation"): the four standard suites, 50 trials per task from the fixed initial states,
+# LIBERO (arXiv 2603.21341, evaluation): the four standard suites, 50 trials per task from the fixed initial states,
 # the official protocol (see eval_libero.py). A GPU-node job: ~2000 episodes of up to 230-530 steps at
-# ~0.2 s per CPU env step. Usage:
+# CPU env steps at 256 x 256. Usage:
 #   python eval_libero.py config/libero_eval.py --checkpoint=out/vla
 # Add libero_90 to `suites` for LIBERO-90. Keep batch_size fixed when comparing runs (num_envs is free).
 checkpoint = "out/vla"
@@ -9,7 +9,7 @@ task_ids = ""
 trials = 50
 max_steps = 0  # each suite's own: 220 / 280 / 300 / 520 (400 for libero_90)
 replan_steps = 5  # openpi's LIBERO value; the paper does not state it
-num_envs = 32  # env worker processes: one CPU core and ~1 GB of memory per env
+num_envs = 32  # env worker processes: one CPU core each
 batch_size = 32  # episodes in lockstep = the policy's batch
 device = "cuda"
 seed = 7

@@ -1,8 +1,8 @@
-# Stage 1 SFT, the paper's data (PAPER.md "Stage 1"): Qwen2.5-VL-7B-Instruct on VQA + reasoning conversations and
+# Stage 1 SFT, the paper's data (arXiv 2603.21341 stage 1): Qwen2.5-VL-7B-Instruct on VQA + reasoning conversations and
 # FAST action tokens from BridgeData V2 (the paper: 1.88M QA samples + 400K BridgeData V2 action samples), 8 GPUs:
 #   torchrun --nproc_per_node=8 sft.py config/sft_bridge_qwen2_5_vl_7b.py
 # Edit the data paths below first. Keys not set here keep sft.py's defaults. Writes out/sft, where align_rl.py
-# starts from; its 12.8K RL prompts are a manifest over the same BridgeData (data.sample_prompt_manifest).
+# starts from (its RL prompts: a seeded subset of the same converted files, num_prompts).
 out_dir = "out/sft"
 init_from = "Qwen/Qwen2.5-VL-7B-Instruct"
 # memory (bench/memory.py): FSDP2 shards fp32 master weights, gradients and AdamW state over the 8 GPUs; bf16
@@ -22,17 +22,16 @@ reasoning_train = "{data_dir}/reasoning_train.json"  # answers <think>...</think
 reasoning_val = "{data_dir}/reasoning_val.json"
 image_root = "{data_dir}/images"
 
-# BridgeData V2, either release (data.open_bridge_dataset picks the reader from the paths):
-# - RLDS / Open-X (bridge_dataset/1.0.0, 256 x 256 frames, train and val shards), read without TensorFlow;
-# - raw (.../raw/traj_groupG/trajK with obs_dict.pkl, policy_out.pkl, lang.txt, images0/im_k.jpg; 640 x 480
-#   frames): robot_train = "/data/bridge/raw/bridge_data_v2", and hold out directories of your own as robot_val.
-# Samples: the main camera's frame, lang.txt's instruction, full_state (xyz, roll-pitch-yaw, gripper) and the
-# commanded 7-D actions (end-effector deltas + absolute gripper, 1 open / 0 closed); trajectories without
-# language are skipped and counted in the log.
-robot_data = "bridge"
-robot_train = "/data/bridge_dataset/1.0.0/bridge_dataset-train.tfrecord-*"
-robot_val = "/data/bridge_dataset/1.0.0/bridge_dataset-val.tfrecord-*"  # action_exact / action_prefix
-flip_images = False  # LIBERO only: Bridge frames are stored upright
+# BridgeData V2, converted once into LIBERO's hdf5 layout by prepare/bridge.py (either release, raw or RLDS):
+#   python prepare/bridge.py --src=/data/bridge_dataset/1.0.0 --split=train --out_dir=/data/bridge_libero/train
+#   python prepare/bridge.py --src=/data/bridge_dataset/1.0.0 --split=val --out_dir=/data/bridge_libero/val
+# Samples: the main camera's frame, the trajectory's instruction, the state (xyz, roll-pitch-yaw, gripper) and the
+# commanded 7-D actions (end-effector deltas + absolute gripper, 1 open / 0 closed).
+robot_data = "libero"
+robot_train = "/data/bridge_libero/train"
+robot_val = "/data/bridge_libero/val"  # action_exact / action_prefix
+flip_images = False  # Bridge frames are stored upright
+no_noops = False  # openvla's no-op filter is LIBERO's; Bridge keeps its recorded steps
 
 # mixture: the paper has 1.88M QA samples (VQA + reasoning; the split is not given) and 400K action samples
 vqa_weight = 0.66
@@ -40,13 +39,13 @@ reasoning_weight = 0.16
 action_weight = 0.18  # 400K / 2.28M
 think_action_weight = 0.0  # a 7B follows REASONING_ACTION_PROMPT zero-shot; the tiny recipe needs the hint
 
-# FAST (PAPER.md "Stage 0"): 2048 BPE tokens; chunk length is open: one second of actions (FAST's
+# FAST (arXiv 2603.21341 stage 0): 2048 BPE tokens; chunk length is open: one second of actions (FAST's
 # recommendation) is 5 steps at Bridge's 5 Hz
 action_horizon = 5
 fast_vocab_size = 2048
 fast_scale = 10.0
 
-# optimization: lr 2e-5, cosine, warm-up 3%, 1 epoch (PAPER.md); the global batch is not given (open)
+# optimization: lr 2e-5, cosine, warm-up 3%, 1 epoch (arXiv 2603.21341); the global batch is not given (open)
 batch_size = 4  # per GPU
 gradient_accumulation_steps = 32  # over the 8 GPUs: global batch 4 * 32 = 128
 max_iters = (1_880_000 + 400_000) // 128  # one epoch over the paper's 2.28M samples (set from your data)

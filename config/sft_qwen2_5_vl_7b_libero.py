@@ -1,4 +1,4 @@
-# Stage 1 SFT, the paper's recipe (PAPER.md "Stage 1") on Qwen2.5-VL-7B-Instruct with LIBERO actions, 8 GPUs:
+# Stage 1 SFT, the paper's recipe (arXiv 2603.21341 stage 1) on Qwen2.5-VL-7B-Instruct with LIBERO actions, 8 GPUs:
 #   torchrun --nproc_per_node=8 sft.py config/sft_qwen2_5_vl_7b_libero.py
 # Edit the data paths below first. Keys not set here keep sft.py's defaults.
 out_dir = "out/sft"
@@ -32,12 +32,12 @@ reasoning_weight = 0.16
 action_weight = 0.18
 think_action_weight = 0.0  # a 7B follows REASONING_ACTION_PROMPT zero-shot; the tiny recipe needs the hint
 
-# FAST (PAPER.md "Stage 0"): 2048 BPE tokens; chunk length is open, openpi's pi0-FAST LIBERO uses 10 steps
+# FAST (arXiv 2603.21341 stage 0): 2048 BPE tokens; chunk length is open, openpi's pi0-FAST LIBERO uses 10 steps
 action_horizon = 10
 fast_vocab_size = 2048
 fast_scale = 10.0
 
-# optimization: lr 2e-5, cosine, warm-up 3%, 1 epoch (PAPER.md); the global batch is not given (open)
+# optimization: lr 2e-5, cosine, warm-up 3%, 1 epoch (arXiv 2603.21341); the global batch is not given (open)
 batch_size = 4  # per GPU
 gradient_accumulation_steps = 32  # over the 8 GPUs: global batch 4 * 32 = 128
 max_iters = (1_880_000 + 400_000) // 128  # one epoch over the paper's 2.28M samples (set from your data)

@@ -1,4 +1,4 @@
-# Stage 3 on CALVIN ABC -> D (PAPER.md "Stage 3": 100K steps, batch 32): train on scenes A, B, C, evaluate
+# Stage 3 on CALVIN ABC -> D (arXiv 2603.21341 stage 3: 100K steps, batch 32): train on scenes A, B, C, evaluate
 # in D with eval_calvin.py (config/calvin_abc_d.py --checkpoint=out/vla_calvin).
 #   torchrun --nproc_per_node=8 train_vla.py config/vla_calvin.py
 out_dir = "out/vla_calvin"
@@ -19,7 +19,7 @@ num_vl_self_attn_layers = 4
 head_dropout = 0.2  # GR00T N1.5's DiT dropout
 clip_actions = True  # CALVIN's rel_actions are clipped to [-1, 1] (calvin_env utils.to_relative_action)
 feature_cache = True
-cache_dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
+cache_dtype = "bfloat16"  # half the disk of float32 (features then differ from on-the-fly ones by rounding)
 cache_in_memory = False
 batch_size = 4
 gradient_accumulation_steps = 8

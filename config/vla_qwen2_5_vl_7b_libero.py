@@ -1,4 +1,4 @@
-# Stage 3, the paper's recipe (PAPER.md "Stage 3"): the aligned Qwen2.5-VL-7B frozen, layer 18 of 28 feeding a
+# Stage 3, the paper's recipe (arXiv 2603.21341 stage 3): the aligned Qwen2.5-VL-7B frozen, layer 18 of 28 feeding a
 # new flow-matching DiT head (GR00T N1.5), trained on LIBERO, 60K steps, batch 32, horizon 16, 8 GPUs:
 #   torchrun --nproc_per_node=8 train_vla.py config/vla_qwen2_5_vl_7b_libero.py
 # Baseline with the SFT-only backbone, same budget: add --init_from=out/sft --out_dir=out/vla_sft
@@ -21,9 +21,9 @@ head_self_attention = True  # GR00T N1.5's alternating cross / self-attention Di
 num_future_tokens = 32
 num_vl_self_attn_layers = 4
 head_dropout = 0.2  # GR00T N1.5's DiT dropout
-# the frozen backbone's layer-18 features, cached once (bf16: ~2 GB per 1K frames at 600 tokens x 3584)
+# the frozen backbone's layer-18 features, cached once (tokens x 3584 x 2 bytes per frame in bf16)
 feature_cache = True
-cache_dtype = "bfloat16"  # the frozen backbone in bf16 (16.6 GB) fits every GPU; --fsdp=True shards it
+cache_dtype = "bfloat16"  # half the disk of float32 (features then differ from on-the-fly ones by rounding)
 cache_in_memory = False
 cache_batch_size = 16
 batch_size = 4  # per GPU: global 32 = 4 x 8

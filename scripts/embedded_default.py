@@ -1,11 +1,11 @@
 """The whole RoboAlign recipe on the embedded default, on a laptop CPU, and the comparison that matters:
 
-    data (generated) -> sft.py -> align_rl.py -> train_vla.py on the SFT-only backbone  (the baseline)
+    prepare/synthetic.py (data) -> sft.py -> align_rl.py -> train_vla.py on the SFT-only backbone  (the baseline)
                                               -> train_vla.py on the aligned backbone   (RoboAlign)
     -> offline evaluation on held-out demonstrations -> a short real-LIBERO episode if LIBERO is installed
     -> one summary table, also written to out/summary.json
 
-Both VLAs use the same seed, data and budget, so the only difference is the backbone (PAPER.md "Claim").
+Both VLAs use the same seed, data and budget, so the only difference is the backbone (the paper's claim, arXiv 2603.21341).
 Each stage is its own script with its own defaults; this file only runs them in order and reads their
 metrics.jsonl. Extra --key=value arguments are passed to every stage that knows the key is not checked
 here, so prefer running the stages by hand to change them.
@@ -15,7 +15,6 @@ here, so prefer running the stages by hand to change them.
     python scripts/embedded_default.py --overwrite  # run every stage again over the earlier runs
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -57,19 +56,23 @@ def fmt(x):
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+# config (nanoGPT style, as the stages: --key=value)
+skip_done = False  # skip a stage whose out dir already holds a checkpoint
+overwrite = False  # run every stage again over its earlier run (each stage refuses an out dir that holds a run otherwise)
+seed = 0
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--skip_done", action="store_true", help="skip a stage whose out dir already holds a checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="run every stage again over its earlier run (each stage "
-                   "refuses an out dir that holds a run otherwise)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    seed = [f"--seed={args.seed}"] + (["--overwrite"] if args.overwrite else [])
+    sys.path.insert(0, ROOT)
+    from data import configure
+    args = configure({k: v for k, v in globals().items() if k in ("skip_done", "overwrite", "seed")})
+    seed = [f"--seed={args['seed']}"] + (["--overwrite"] if args["overwrite"] else [])
     times = {}
-    times["sft"] = run("sft.py", seed, "out/sft", args.skip_done)
-    times["align_rl"] = run("align_rl.py", seed, "out/align_rl", args.skip_done)
-    times["vla_sft"] = run("train_vla.py", [*seed, "--init_from=out/sft", "--out_dir=out/vla_sft"], "out/vla_sft", args.skip_done)
-    times["vla"] = run("train_vla.py", [*seed, "--init_from=out/align_rl", "--out_dir=out/vla"], "out/vla", args.skip_done)
+    times["data"] = run("prepare/synthetic.py", [], "", False)  # reuses out/data when it is already this dataset
+    times["sft"] = run("sft.py", seed, "out/sft", args["skip_done"])
+    times["align_rl"] = run("align_rl.py", seed, "out/align_rl", args["skip_done"])
+    times["vla_sft"] = run("train_vla.py", [*seed, "--init_from=out/sft", "--out_dir=out/vla_sft"], "out/vla_sft", args["skip_done"])
+    times["vla"] = run("train_vla.py", [*seed, "--init_from=out/align_rl", "--out_dir=out/vla"], "out/vla", args["skip_done"])
 
     libero = None
     if importlib.util.find_spec("libero") is not None:
@@ -101,7 +104,7 @@ def main():
               f"success rate {libero['average_success_rate']}, {t.get('env_steps')} env steps at {t.get('env_step_s', 0):.2f} s")
     print("stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     summary = dict(rows=[dict(metric=n, sft_only=a, roboalign=b) for n, a, b in rows], libero_smoke=libero,
-                   stage_seconds=times, seed=args.seed)
+                   stage_seconds=times, seed=args["seed"])
     with open(os.path.join(ROOT, "out", "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print("wrote out/summary.json")

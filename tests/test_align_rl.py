@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from align_rl import completion_mask, group_advantages, grpo_loss, kl_penalty, sequence_logprobs
 import data
-from data import LiberoDataset, NormStats, chunk_at, make_synthetic_dataset
+from data import LiberoDataset, NormStats, chunk_at
+from prepare.synthetic import make_synthetic_dataset
 from model import Backbone, FastTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

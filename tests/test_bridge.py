@@ -1,5 +1,6 @@
-"""BridgeData V2 readers: the raw release and the RLDS / TFRecord release give identical samples; checksums,
-corruption and missing-language handling; the RL prompt manifest.
+"""BridgeData V2 -> LIBERO-layout hdf5 (prepare/bridge.py): the raw release and the RLDS / TFRecord release give
+identical samples; checksums, corruption and missing-language handling; both convert to the same files, which
+data.LiberoDataset reads and sft.py trains from.
 
 Fixtures are written here in the real formats: pickles with the release's keys and shapes, jpgs, lang.txt, and
 a TFRecord file framed and checksummed like TensorFlow's, holding tf.train.Example records built by the encoder
@@ -11,18 +12,21 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 from datetime import datetime
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
-from data import (BridgeRawDataset, BridgeRLDSDataset, PromptSubset, RL_PROMPTS, _binarize_gripper,
-                         _crc32c_scalar, crc32c, iter_tfrecords, load_prompt_manifest, masked_crc32c, open_bridge_dataset,
-                         parse_example, sample_prompt_manifest, save_prompt_manifest)
-import data as bridge_module
-from data import NormStats, collate_robot
+import prepare.bridge as bridge_module
+from data import LiberoDataset, NormStats
+from prepare.bridge import (BridgeRawDataset, BridgeRLDSDataset, _crc32c_scalar, crc32c, iter_tfrecords, masked_crc32c,
+                            parse_example)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HORIZON = 4
 
 
@@ -286,21 +290,6 @@ def test_cameras_resize_and_missing_camera(bridge):
     assert np.array_equal(sample["images"][1], np.asarray(expected))
 
 
-def test_relabeled_actions_are_reached_state_deltas_with_binary_gripper(bridge):
-    assert _binarize_gripper(np.array([1.0, 0.5, 0.02, 0.03, 0.6, 0.99])).tolist() == [1, 0, 0, 0, 1, 1]
-    assert _binarize_gripper(np.array([0.0, 0.5])).tolist() == [0.0, 0.5]  # ends undecided: keeps its own value
-    raw = BridgeRawDataset(bridge["raw"], horizon=HORIZON, action_space="relabeled")
-    rlds = BridgeRLDSDataset(bridge["rlds"], horizon=HORIZON, action_space="relabeled")
-    for i, (episode, t) in enumerate(raw.frame_keys()):
-        assert_same_sample(raw[i], rlds[rlds.index_of(episode, t)])
-    states, actions = load_pickles(bridge["trajs"]["a"])
-    episode = next(ep for ep in raw.episodes if ep["id"].endswith("2023-03-15_14-35-28/raw/traj_group0/traj0"))
-    assert np.allclose(episode["actions"][:, :6], states[1:, :6] - states[:-1, :6], atol=1e-7)
-    assert np.array_equal(episode["actions"][:, 6], actions[:, 6])  # the fixture's gripper is already 0 / 1
-    with pytest.raises(ValueError, match="action_space"):
-        BridgeRawDataset(bridge["raw"], action_space="absolute")
-
-
 def test_corrupted_tfrecords_name_the_file_and_the_rest_loads(bridge, tmp_path):
     trajs = bridge["trajs"]
     payloads = [rlds_record(trajs[k]) for k in ("a", "shifted", "one_camera")]
@@ -382,51 +371,64 @@ def test_broken_raw_trajectories_are_skipped_with_their_file_named(bridge, tmp_p
         BridgeRawDataset(str(empty))
 
 
-def test_splits_autodetection_and_training_interfaces(bridge, tmp_path):
+def test_splits_autodetection(bridge, tmp_path):
     both = tmp_path / "1.0.0"
     os.makedirs(both)
     write_tfrecord(both / "bridge_dataset-train.tfrecord-00000-of-00001", [rlds_record(bridge["trajs"]["a"])])
     write_tfrecord(both / "bridge_dataset-val.tfrecord-00000-of-00001", [rlds_record(bridge["trajs"]["one_camera"])])
     with pytest.raises(ValueError, match=r"holds the splits \['train', 'val'\]"):
         BridgeRLDSDataset(str(both))
-    val = open_bridge_dataset(str(both), horizon=HORIZON, split="val")
-    assert isinstance(val, BridgeRLDSDataset) and len(val) == 4
-    assert len(open_bridge_dataset(str(both / "*-train.tfrecord-*"), horizon=HORIZON)) == 6
-    raw = open_bridge_dataset(bridge["raw"], horizon=HORIZON, split="train")  # the raw release has no split
-    assert isinstance(raw, BridgeRawDataset) and len(raw) == 14
+    assert len(BridgeRLDSDataset(str(both), horizon=HORIZON, split="val")) == 4
+    assert len(BridgeRLDSDataset(str(both / "*-train.tfrecord-*"), horizon=HORIZON)) == 6
+    raw = BridgeRawDataset(bridge["raw"], horizon=HORIZON)
     assert_same_sample(raw[-1], raw[13])
     with pytest.raises(IndexError):
         raw[14]
-    # what sft.py needs: NormStats over every step, collate_robot, episodes with actions / states
-    stats = NormStats.compute(raw.all_actions(), raw.all_states())
-    assert (stats.action_dim, stats.state_dim) == (7, 7) and len(raw.all_actions()) == len(raw)
-    batch = collate_robot([raw[i] for i in range(3)], stats)
-    assert batch["actions"].shape == (3, HORIZON, 7) and batch["state"].shape == (3, 7)
-    assert all(ep["actions"].shape[0] == ep["states"].shape[0] for ep in raw.episodes)
 
 
-def test_prompt_manifest_is_seeded_shared_by_both_forms_and_reloads(bridge, tmp_path):
+def prepare(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "bridge.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_both_releases_convert_to_the_same_libero_files_and_sft_trains_on_them(bridge, tmp_path):
+    for name, src in (("raw", bridge["raw"]), ("rlds", bridge["rlds"])):
+        r = prepare(f"--src={src}", f"--out_dir={tmp_path / name}", "--demos_per_file=2", "--image_size=0")
+        assert r.returncode == 0, r.stderr
+        assert "3 trajectories in 2 files (2 written now)" in r.stdout
     raw = BridgeRawDataset(bridge["raw"], horizon=HORIZON)
-    rlds = BridgeRLDSDataset(bridge["rlds"], horizon=HORIZON)
-    manifest = sample_prompt_manifest(raw, n=5, seed=0)
-    assert manifest == sample_prompt_manifest(raw, n=5, seed=0) == sample_prompt_manifest(rlds, n=5, seed=0)
-    assert manifest["entries"] != sample_prompt_manifest(raw, n=5, seed=1)["entries"]
-    # the rule: a seeded choice without replacement over the sorted (trajectory id, t) list
-    keys = sorted(raw.frame_keys())
-    expected = [list(keys[i]) for i in np.sort(np.random.default_rng(0).choice(len(keys), 5, replace=False))]
-    assert manifest["entries"] == expected and manifest["num_frames"] == 14
-    assert sample_prompt_manifest(raw, seed=0)["n"] == RL_PROMPTS == 12_800
-    assert len(sample_prompt_manifest(raw, n=100)["entries"]) == 14  # more than there are: all of them
-
-    path = str(tmp_path / "prompts" / "bridge_rl_prompts.json")
-    save_prompt_manifest(path, manifest)
-    assert load_prompt_manifest(path) == manifest
-    subset_raw, subset_rlds = PromptSubset(raw, path), PromptSubset(rlds, path)
-    assert len(subset_raw) == len(subset_rlds) == 5
-    for k, (episode, t) in enumerate(manifest["entries"]):
-        assert (subset_raw[k]["episode"], subset_raw[k]["t"]) == (episode, t)
-        assert_same_sample(subset_raw[k], subset_rlds[k])
-    manifest["entries"].append(["some/other/trajectory", 0])
-    save_prompt_manifest(path, manifest)
-    with pytest.raises(KeyError, match="bridge_rl_prompts.json: entry 5"):
-        PromptSubset(raw, path)
+    by_id = {ep["id"]: ep for ep in raw.episodes}
+    converted = {name: LiberoDataset(str(tmp_path / name), horizon=HORIZON, no_noops=False) for name in ("raw", "rlds")}
+    assert converted["raw"].cameras == ("agentview_rgb",)  # Bridge's main camera only
+    for name, ds in converted.items():
+        assert len(ds) == len(raw) == 14
+        seen = set()
+        for e, ep in enumerate(ds.episodes):  # every demo is one trajectory, its steps and instruction as the reader's
+            with h5py.File(ep["file"], "r") as f:
+                trajectory = f["data"][ep["demo"]].attrs["trajectory"]
+            seen.add(trajectory)
+            ref = by_id[trajectory]
+            assert ep["instruction"] == ref["instruction"]
+            np.testing.assert_array_equal(ep["actions"], ref["actions"])
+            np.testing.assert_array_equal(ep["states"], ref["states"])
+            i = ds.index.index((e, 2))
+            np.testing.assert_array_equal(ds[i]["images"][0], raw.image(ref, 0, 2))
+            np.testing.assert_array_equal(ds[i]["actions"], raw[raw.index_of(trajectory, 2)]["actions"])
+        assert seen == set(by_id)
+    # resumable: a rerun writes nothing; a missing file is written again, the others are kept
+    first = tmp_path / "raw" / "bridge_00000.hdf5"
+    mtime = os.path.getmtime(first)
+    os.remove(tmp_path / "raw" / "bridge_00001.hdf5")
+    r = prepare(f"--src={bridge['raw']}", f"--out_dir={tmp_path / 'raw'}", "--demos_per_file=2", "--image_size=0")
+    assert "(1 written now)" in r.stdout and os.path.getmtime(first) == mtime
+    # sft.py trains from the converted files (robot data only: no VQA / reasoning json here)
+    out = tmp_path / "sft"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), f"--robot_train={tmp_path / 'rlds'}", "--robot_val=",
+                        "--vqa_train=", "--vqa_val=", "--reasoning_train=", "--reasoning_val=", "--vqa_weight=0.0",
+                        "--reasoning_weight=0.0", "--think_action_weight=0.0", "--action_horizon=4", "--fast_vocab_size=16",
+                        "--no_noops=False", "--max_iters=2", "--batch_size=4", "--eval_interval=0", "--n_layer=1",
+                        "--n_embd=32", "--vision_embd=32", f"--out_dir={out}", f"--data_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "norm_stats.json")
+    assert NormStats.load(str(out / "norm_stats.json")).state_dim == 7  # Bridge's xyz, rpy, gripper

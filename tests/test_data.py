@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 import data
-from data import (CalvinDataset, ConversationDataset, LiberoDataset, NormStats, chunk_at, collate_robot,
-                  make_synthetic_dataset)
+from data import CalvinDataset, ConversationDataset, LiberoDataset, NormStats, chunk_at
+import prepare.synthetic as synthetic
+from prepare.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_chunk_at_pads_with_the_last_action():
 def test_synthetic_dataset_layout_and_determinism(synth, tmp_path):
     meta = json.load(open(os.path.join(synth, "dataset.json")))
     files = sorted(os.listdir(os.path.join(synth, "libero", "train")))
-    assert len(files) == len(data.SYNTH_TASKS) and all(f.endswith("_demo.hdf5") for f in files)
+    assert len(files) == len(synthetic.SYNTH_TASKS) and all(f.endswith("_demo.hdf5") for f in files)
     with h5py.File(os.path.join(synth, "libero", "train", files[0]), "r") as f:
         info = json.loads(f["data"].attrs["problem_info"])
         assert info["language_instruction"].startswith("put the ")
@@ -82,6 +83,12 @@ def test_synthetic_dataset_layout_and_determinism(synth, tmp_path):
     make_synthetic_dataset(other, seed=1, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2)
     with h5py.File(os.path.join(other, "libero", "train", files[0]), "r") as f:
         assert not np.array_equal(f["data/demo_0/actions"][:5], actions[:5])
+    # a directory holding other data is never replaced unless asked
+    with pytest.raises(FileExistsError, match="other.*--overwrite"):
+        make_synthetic_dataset(other, seed=2, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2)
+    assert json.load(open(os.path.join(other, "dataset.json")))["seed"] == 1
+    make_synthetic_dataset(other, seed=2, demos_per_task=3, val_demos_per_task=1, qa_per_demo=2, overwrite=True)
+    assert json.load(open(os.path.join(other, "dataset.json")))["seed"] == 2
 
 
 def test_synthetic_scenes_are_per_task_and_actions_point_to_the_named_block(synth):
@@ -96,19 +103,19 @@ def test_synthetic_scenes_are_per_task_and_actions_point_to_the_named_block(synt
             fingers = f["data"][ep["demo"]]["obs/gripper_states"][:, 0]
         scenes.setdefault(ep["instruction"], []).append(scene[:12].reshape(4, 3))
         pick = ep["instruction"].split()[2]
-        bx, by = scene[3 * list(data.COLORS).index(pick): 3 * list(data.COLORS).index(pick) + 2]
+        bx, by = scene[3 * list(synthetic.COLORS).index(pick): 3 * list(synthetic.COLORS).index(pick) + 2]
         to_block = np.array([bx, by]) - ep["states"][0, :2]
         move = ep["actions"][:5, :2].sum(0)
         cosines.append(move @ to_block / (np.linalg.norm(move) * np.linalg.norm(to_block) + 1e-9))
         directions.append(move / (np.linalg.norm(move) + 1e-9))
-        assert fingers.min() == 0.0 and fingers.max() == data.FINGER_OPEN
-        assert np.isclose(fingers, data.FINGER_OPEN / 3).any() and np.isclose(fingers, 2 * data.FINGER_OPEN / 3).any()
+        assert fingers.min() == 0.0 and fingers.max() == synthetic.FINGER_OPEN
+        assert np.isclose(fingers, synthetic.FINGER_OPEN / 3).any() and np.isclose(fingers, 2 * synthetic.FINGER_OPEN / 3).any()
     assert np.mean(cosines) > 0.9
     assert np.linalg.norm(np.mean(directions, axis=0)) < 0.7  # no single direction works for every task
-    assert len(scenes) == len(data.SYNTH_TASKS) and all(len(v) == 3 for v in scenes.values())
+    assert len(scenes) == len(synthetic.SYNTH_TASKS) and all(len(v) == 3 for v in scenes.values())
     for demos in scenes.values():
         spread = np.ptp(np.stack(demos), axis=0)  # [4 blocks, (x, y, yaw)]: across the task's 3 demos
-        assert spread[:, :2].max() <= 2 * data.SCENE_JITTER and spread[:, 2].max() <= 2 * data.YAW_JITTER
+        assert spread[:, :2].max() <= 2 * synthetic.SCENE_JITTER and spread[:, 2].max() <= 2 * synthetic.YAW_JITTER
         assert spread[:, :2].max() > 0  # jittered, not copied
     first, second = (np.mean(v, axis=0) for v in list(scenes.values())[:2])
     assert np.abs(first[:, :2] - second[:, :2]).max() > 0.05  # another task, another scene
@@ -117,11 +124,11 @@ def test_synthetic_scenes_are_per_task_and_actions_point_to_the_named_block(synt
     place = last["instruction"].split()[-2]
     with h5py.File(last["file"], "r") as f:
         scene = f["data"][last["demo"]]["states"][0]
-    i = list(data.COLORS).index(place)
+    i = list(synthetic.COLORS).index(place)
     assert np.hypot(*(last["states"][-1, :2] - scene[3 * i: 3 * i + 2])) < 0.01
 
 
-def test_libero_reader_samples_and_collate(synth):
+def test_libero_reader_samples(synth):
     ds = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=8)
     ep = ds.episodes[0]
     T = len(ep["actions"])
@@ -133,11 +140,11 @@ def test_libero_reader_samples_and_collate(synth):
     assert s["state"].shape == (8,)
     flipped = LiberoDataset(os.path.join(synth, "libero", "train"), horizon=8, flip_images=True)[T - 3]
     np.testing.assert_array_equal(flipped["images"][0], s["images"][0][::-1, ::-1])
-    ns = NormStats.compute(ds.all_actions(), ds.all_states())
-    batch = collate_robot([ds[0], ds[1]], ns)
-    assert batch["actions"].shape == (2, 8, 7) and batch["state"].shape == (2, 8)
-    np.testing.assert_allclose(batch["actions"][1], ns.normalize_actions(ds[1]["actions"]))
-    assert batch["instructions"] == [ep["instruction"]] * 2
+    state, actions, mask = ds.targets(T - 3)  # the same without decoding images
+    np.testing.assert_array_equal(state, s["state"])
+    np.testing.assert_array_equal(actions, s["actions"])
+    np.testing.assert_array_equal(mask, s["action_mask"])
+    assert ds.cameras == ("agentview_rgb", "eye_in_hand_rgb")  # found in the files
 
 
 def test_synthetic_per_step_reasoning_describes_the_scene(synth):
@@ -148,7 +155,7 @@ def test_synthetic_per_step_reasoning_describes_the_scene(synth):
         with h5py.File(ep["file"], "r") as f:
             scene = f["data"][ep["demo"]]["states"][0]
         pick = ep["instruction"].split()[2]
-        bx, by = scene[3 * list(data.COLORS).index(pick): 3 * list(data.COLORS).index(pick) + 2]
+        bx, by = scene[3 * list(synthetic.COLORS).index(pick): 3 * list(synthetic.COLORS).index(pick) + 2]
         dx, dy = bx - ep["states"][0, 0], by - ep["states"][0, 1]
         thought = ds[start]["reasoning"]
         assert thought.startswith(f"The gripper is open. The {pick} block is "), thought
@@ -233,7 +240,13 @@ def test_calvin_reader(tmp_path):
     np.testing.assert_allclose(s["actions"][:, 0], [0.3, 0.4, 0.4])
     np.testing.assert_array_equal(s["action_mask"], [True, True, False])
     assert ds[5]["instruction"] == "push the button" and ds[5]["state"].shape == (15,)
-    assert ds.all_actions().shape == (10, 7)
+    demos = ds.demonstrations(seed=0)  # both windows, whole, in a seeded order
+    assert sorted(len(a) for a, _ in demos) == [5, 5] and demos[0][1].shape == (5, 15)
+    np.testing.assert_allclose(sorted(np.concatenate([a[:, 0] for a, _ in demos])), np.arange(10) / 10, atol=1e-6)
+    assert len(ds.demonstrations(max_steps=3, seed=0)) == 1  # stops once max_steps frames are read
+    state, actions, mask = ds.targets(3)
+    np.testing.assert_array_equal(actions, s["actions"])
+    np.testing.assert_array_equal(mask, s["action_mask"])
     os.remove(os.path.join(root, "episode_0000007.npz"))
     with pytest.raises(FileNotFoundError, match="episode_0000007.npz"):
         ds[6]

@@ -106,7 +106,7 @@ def test_get_sequences_1000_all_chains_match_official_digest():
 
 
 def test_pyhash_fnv1_32_and_env_state():
-    # pyhash's own test vectors (flier/pyfasthash tests/test_fnv1.py)
+    # pyhash's own test vectors (flier/pyfasthash:tests/test_fnv1.py)
     assert ev.pyhash_fnv1_32(b"test") == 3698262380 and ev.pyhash_fnv1_32("test") == 3910690890
     condition = dict(zip(KEYS, OFFICIAL_GET_SEQUENCES_1000[0][0]))
     assert ev.pyhash_fnv1_32(str(condition.values())) == 2138410836

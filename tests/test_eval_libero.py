@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
 # --- protocol constants and preprocessing -----------------------------------------------------------
 
 def test_protocol_constants():
-    # REFERENCES.md 4.1 / 4.2 (openpi examples/libero/main.py, OpenVLA run_libero_eval.py)
+    # openpi examples/libero/main.py, openvla run_libero_eval.py (openpi examples/libero/main.py, OpenVLA run_libero_eval.py)
     assert ev.SUITE_MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
                                   "libero_10": 520, "libero_90": 400}
     assert ev.NUM_STEPS_WAIT == 10 and ev.DUMMY_ACTION == [0, 0, 0, 0, 0, 0, -1] and ev.RESOLUTION == 256

@@ -7,7 +7,7 @@ import pytest
 
 from model import FastTokenizer, dct_matrix
 
-T, D = 8, 7  # embedded default FAST chunk (CONTRACT conventions)
+T, D = 8, 7  # embedded default FAST chunk
 
 
 def smooth_chunks(n, horizon=T, seed=0):
@@ -187,7 +187,7 @@ def test_decode_never_raises_on_random_in_range_ids(fitted):
         n_valid += valid
     assert n_valid < 1000
     assert tok.decode([], return_valid=True)[1] is False
-    # relaxed decoding (REFERENCES 1.5): extra coefficients are cut, missing ones are zero (not min_token)
+    # relaxed decoding (processing_action_tokenizer.py): extra coefficients are cut, missing ones are zero (not min_token)
     base = rng.integers(0, tok.alphabet_size, T * D)
     coeff = (base + tok.min_token).reshape(T, D) / tok.scale
     np.testing.assert_allclose(tok.decode(base.tolist() + [0, 1]), dct_matrix(T).T @ coeff, atol=1e-6)

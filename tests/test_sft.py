@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import data
-from data import format_reward, make_synthetic_dataset, prefix_match_reward
+from data import format_reward, prefix_match_reward
+from prepare.synthetic import make_synthetic_dataset
 from sft import COMPONENTS, demonstrations, mixture_batch, mixture_counts, think_action_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

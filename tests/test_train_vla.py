@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_vla
-from data import make_synthetic_dataset
+from prepare.synthetic import make_synthetic_dataset
 from model import VLA, Backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
