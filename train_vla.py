@@ -88,7 +88,7 @@ cache_batch_size = 32
 # optimization
 batch_size = 32  # micro-batch per process (split further when processes outnumber accumulation steps)
 gradient_accumulation_steps = 1  # over all processes: global batch = batch_size * this
-max_iters = 1500
+max_iters = 1000
 lr = 1e-3
 min_lr = 1e-4
 warmup_frac = 0.05
@@ -97,9 +97,9 @@ betas = (0.9, 0.95)  # AdamW; GR00T fine-tunes with (0.95, 0.999): 0.158 vs 0.16
 grad_clip = 1.0
 ema_decay = 0.0  # > 0: evaluate and save an exponential moving average of the head weights
 # evaluation and logging
-eval_interval = 500  # and at the end; 0 = only at the end
+eval_interval = 1000  # and at the end; 0 = only at the end
 eval_samples = 256  # fixed held-out frames
-save_interval = 500
+save_interval = 1000
 log_interval = 100
 resume = False  # continue the run in out_dir
 overwrite = False  # start again over a run in out_dir (its log and checkpoint are replaced)

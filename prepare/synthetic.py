@@ -26,7 +26,7 @@ from data import REASONING_ACTION_PROMPT, configure  # noqa: E402
 # config (nanoGPT style: --key=value)
 out_dir = "out/data"
 seed = 0
-demos_per_task = 64
+demos_per_task = 32
 val_demos_per_task = 4
 image_size = 56
 qa_per_demo = 6
@@ -203,7 +203,7 @@ def _vqa(rng, blocks, frame):
 SYNTHETIC_VERSION = 4  # 2: home start pose; 3: per-step reasoning in the hdf5 files; 4: a scene per task, gradual fingers
 
 
-def make_synthetic_dataset(out_dir, seed=0, demos_per_task=64, val_demos_per_task=4, image_size=56,
+def make_synthetic_dataset(out_dir, seed=0, demos_per_task=32, val_demos_per_task=4, image_size=56,
                            qa_per_demo=6, tasks=None, overwrite=False):
     """Write the embedded default dataset to out_dir (skipped if an identical one is already there):
 

@@ -77,7 +77,7 @@ def main():
     libero = None
     if importlib.util.find_spec("libero") is not None:
         times["eval_libero"] = run("eval_libero.py", ["--checkpoint=out/vla", "--suites=libero_spatial", "--task_ids=0",
-                                                      "--trials=1", "--max_steps=40", "--num_envs=1"], "", False)
+                                                      "--trials=1", "--max_steps=20", "--num_envs=1"], "", False)
         with open(os.path.join(ROOT, "out", "eval_libero", "results.json")) as f:
             libero = json.load(f)
     else:
@@ -100,7 +100,7 @@ def main():
     print("(RL rows: SFT-only = before GRPO, RoboAlign = after GRPO)")
     if libero is not None:
         t = libero.get("timing", {})
-        print(f"LIBERO smoke episode (libero_spatial task 0, 1 trial, 40 steps, the synthetic-data VLA so 0 is expected): "
+        print(f"LIBERO smoke episode (libero_spatial task 0, 1 trial, 20 steps, the synthetic-data VLA so 0 is expected): "
               f"success rate {libero['average_success_rate']}, {t.get('env_steps')} env steps at {t.get('env_step_s', 0):.2f} s")
     print("stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     summary = dict(rows=[dict(metric=n, sft_only=a, roboalign=b) for n, a, b in rows], libero_smoke=libero,
