@@ -96,7 +96,7 @@ fast_fit_max_chunks = 200_000  # fit FAST on a seeded subsample of at most this 
 # optimization
 batch_size = 16  # micro-batch per process (split further when processes outnumber accumulation steps)
 gradient_accumulation_steps = 1  # over all processes (nanoGPT): global batch = batch_size * this
-max_iters = 600
+max_iters = 1000
 lr = 2e-3
 min_lr = 2e-4
 warmup_frac = 0.03  # arXiv 2603.21341: warm-up 3%, cosine
@@ -108,12 +108,12 @@ freeze_vision = True  # arXiv 2603.21341: vision encoder frozen (the merger / pr
 vision_lr_scale = 1.0  # lr multiplier of the vision blocks when freeze_vision=False
 gradient_checkpointing = False
 # evaluation and logging
-eval_interval = 600  # also at step 0 and at the end; 0 = no evaluation
+eval_interval = 1000  # also at step 0 and at the end; 0 = no evaluation
 eval_iters = 4  # validation-loss batches of the global batch size
 eval_action_samples = 128  # held-out robot frames decoded greedily (action_exact / action_prefix)
 eval_reasoning_samples = 48  # held-out reasoning prompts decoded greedily (reasoning_format)
 eval_extra_tokens = 16  # generation budget beyond the reference answer's length
-save_interval = 600  # and at the end
+save_interval = 1000  # and at the end
 log_interval = 50
 resume = False  # continue the run in out_dir
 overwrite = False  # start again over a run in out_dir (its log and checkpoint are replaced)

@@ -33,7 +33,7 @@ from data import configure  # noqa: E402
 suite = "libero_object"
 tasks = "0"  # comma-separated task ids of the suite
 demos_per_task = 50
-image_size = 64  # demos are recorded at this size and every stage feeds the backbone this size (resize_with_pad)
+image_size = 56  # demos are recorded at this size and every stage feeds the backbone this size (resize_with_pad)
 trials = 20  # evaluation episodes per task: benchmark init states 0 .. trials-1
 action_horizon = 8  # FAST chunk and action-head horizon
 replan_steps = 4  # actions executed per prediction in closed loop
@@ -128,8 +128,8 @@ def main():
         eval_dir = vla_dir + "_eval"
         if not cfg["dry"]:
             run("eval_libero.py", [f"--checkpoint={vla_dir}", f"--suites={cfg['suite']}", f"--task_ids={cfg['tasks']}",
-                                   f"--trials={cfg['trials']}", f"--replan_steps={cfg['replan_steps']}", "--num_envs=1",
-                                   "--batch_size=1", f"--out_dir={eval_dir}"], os.path.join(eval_dir, "results.json"),
+                                   f"--trials={cfg['trials']}", f"--replan_steps={cfg['replan_steps']}", "--num_envs=2",
+                                   "--batch_size=2", f"--out_dir={eval_dir}"], os.path.join(eval_dir, "results.json"),
                 times, "eval " + name)
         results = os.path.join(eval_dir, "results.json")
         if os.path.isfile(results):

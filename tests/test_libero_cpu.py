@@ -33,7 +33,7 @@ def test_dry_run_wires_every_stage_and_resumes(tmp_path):
         assert (out / name / "config.json").is_file()
     for name in ("vla_sft_only", "vla_roboalign", "vla_untrained"):
         meta = json.loads((out / name / "vla.json").read_text())
-        assert meta["image_size"] == 64 and meta["head"]["horizon"] == 8
+        assert meta["image_size"] == 56 and meta["head"]["horizon"] == 8
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("exists, skipped") == 6
     assert json.loads((out / "libero_cpu.json").read_text())["stage_seconds"] == {}
