@@ -10,7 +10,7 @@ Each stage is its own script with its own defaults; this file only runs them in 
 metrics.jsonl. Extra --key=value arguments are passed to every stage that knows the key is not checked
 here, so prefer running the stages by hand to change them.
 
-    python scripts/embedded_default.py            # everything, ~15 min on 2 cores
+    python scripts/embedded_default.py            # everything, about 11 min on 2 cores
     python scripts/embedded_default.py --skip_done  # reuse stages whose checkpoint already exists
     python scripts/embedded_default.py --overwrite  # run every stage again over the earlier runs
 """
