@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import data
 from data import format_reward, prefix_match_reward
 from prepare.synthetic import make_synthetic_dataset
-from sft import COMPONENTS, demonstrations, mixture_batch, mixture_counts, think_action_text
+from sft import COMPONENTS, mixture_batch, mixture_counts, think_action_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--vision_depth=1", "--vision_embd=32", "--fast_vocab_size=64"]
@@ -95,10 +95,10 @@ def test_demonstrations_read_calvin_windows_once(tmp_path):
     root = str(tmp_path / "training")
     write_calvin(root)
     ds = data.CalvinDataset(root, horizon=3)
-    demos = demonstrations(ds, max_steps=100, seed=0)
+    demos = ds.demonstrations(max_steps=100, seed=0)
     assert sorted(tuple(np.round(a[:, 0] * 10).astype(int)) for a, _ in demos) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
     assert all((s[:, 0] == np.round(a[:, 0] * 10)).all() for a, s in demos)
-    assert len(demonstrations(ds, max_steps=3, seed=0)) == 1  # the first window already has 5 >= 3 frames
+    assert len(ds.demonstrations(max_steps=3, seed=0)) == 1  # the first window already has 5 >= 3 frames
 
 
 # ---- the script, as a subprocess ----------------------------------------------------------------------------
