@@ -279,7 +279,7 @@ def test_bad_inputs(bb, tmp_path):
         bb.build_inputs([[np.zeros((56, 56, 3), np.float32)]], ["x"])
     with pytest.raises(ValueError, match="one image list per prompt"):
         bb.build_inputs(images(2), ["only one prompt"])
-    with pytest.raises(ValueError, match="left-padded"):
+    with pytest.raises(AssertionError, match="left-padded"):
         bb.generate(bb.build_inputs(images(2), ["a", "b c d e"], ["x", "y"]), max_new_tokens=2)
 
 

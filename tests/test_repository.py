@@ -24,6 +24,8 @@ def test_no_file_refers_to_a_file_outside_the_repository():
     basenames = {os.path.basename(f) for f in present}
     missing = []
     for name in files:
+        if name == "tests/test_repository.py":  # its own examples name missing files on purpose
+            continue
         with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if "../shared" in line:
