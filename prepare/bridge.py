@@ -60,7 +60,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data import chunk_at, configure, log0  # noqa: E402
+from data import _expand_paths, chunk_at, configure, log0  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: --key=value)
@@ -556,28 +556,18 @@ class BridgeRLDSDataset(_BridgeDataset):
 
 
 def bridge_tfrecord_files(paths, split=None):
-    """TFRecord files named by paths (files, globs, directories; a list or a comma-separated string)."""
-    paths = [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "*.tfrecord*")))
-            splits = sorted({m.group(1) for f in found for m in [re.search(r"-(\w+)\.tfrecord", os.path.basename(f))] if m})
-            if split is not None:
-                found = [f for f in found if f"-{split}.tfrecord" in os.path.basename(f)]
-            elif len(splits) > 1:
-                raise ValueError(f"{p} holds the splits {splits}: pass split=... or a glob such as "
-                                 f"{os.path.join(p, '*-' + splits[-1] + '.tfrecord-*')}")
-            files += found
-        elif any(ch in p for ch in "*?["):
-            files += sorted(glob.glob(p))
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"BridgeRLDSDataset: {p!r} is neither a file, a glob nor a directory")
-    if not files:
-        raise FileNotFoundError(f"BridgeRLDSDataset: no *.tfrecord* files in {paths}"
-                                + (f" for split {split!r}" if split else ""))
+    """TFRecord files named by paths (files, globs, directories; a list or a comma-separated string), of one split:
+    `split`, or the only one they hold."""
+    files = _expand_paths(paths, "*.tfrecord*", "BridgeRLDSDataset")
+    split_of = lambda f: (re.search(r"-(\w+)\.tfrecord", os.path.basename(f)) or [None, None])[1]
+    if split is not None:
+        files = [f for f in files if split_of(f) == split]
+        if not files:
+            raise FileNotFoundError(f"BridgeRLDSDataset: no *.tfrecord* files of split {split!r} in {paths}")
+    splits = sorted({split_of(f) for f in files} - {None})
+    if len(splits) > 1:
+        raise ValueError(f"{paths} holds the splits {splits}: pass split=... or a glob such as "
+                         f"*-{splits[-1]}.tfrecord-*")
     return files
 
 
