@@ -1299,7 +1299,9 @@ class VLA(nn.Module):
         return self.predict_action_batch([images], [instruction], state[None], num_steps, generator)[0]
 
     # --- checkpoint: vla.json + action_head.safetensors + norm_stats.json -----------------------------
-    def save(self, out_dir):
+    def save(self, out_dir, final_dir=None):
+        """final_dir: where out_dir's files end up (data.save_checkpoint writes into a temporary directory first);
+        vla.json's backbone paths are written as seen from there."""
         from safetensors.torch import save_file
         if not self.backbone_path and self.freeze_backbone:
             raise ValueError("VLA.save: the backbone's checkpoint path is unknown; save the backbone with "
@@ -1310,10 +1312,15 @@ class VLA(nn.Module):
             backbone_path = os.path.join(out_dir, "backbone")
             self.backbone.save_pretrained(backbone_path)
         is_local = os.path.isdir(backbone_path)
+        final_dir = os.path.abspath(final_dir or out_dir)
+        final_backbone = os.path.abspath(backbone_path)
+        inside = os.path.relpath(final_backbone, os.path.abspath(out_dir))
+        if not inside.startswith(os.pardir):  # written into this checkpoint: it moves with it
+            final_backbone = os.path.normpath(os.path.join(final_dir, inside))
         meta = {
-            "backbone": os.path.abspath(backbone_path) if is_local else backbone_path,
-            # relative to this directory too (tried first on load), so a moved or renamed out/ tree still works
-            "backbone_relative": os.path.relpath(os.path.abspath(backbone_path), os.path.abspath(out_dir)) if is_local else None,
+            "backbone": final_backbone if is_local else backbone_path,
+            # relative to this directory too, so a moved or renamed out/ tree still works
+            "backbone_relative": os.path.relpath(final_backbone, final_dir) if is_local else None,
             "backbone_is_local": is_local,
             "layer": self.layer,
             "final_norm": self.final_norm,
@@ -1351,6 +1358,10 @@ class VLA(nn.Module):
                 if not found:
                     raise FileNotFoundError(f"{meta_path}: backbone checkpoint not found (tried {candidates}); "
                                             "pass VLA.load(..., backbone_path=...)")
+                if len(found) == 2 and not os.path.samefile(*found):  # a copied out/ tree: never guess which one
+                    raise ValueError(f"{meta_path}: backbone_relative {meta['backbone_relative']!r} gives {found[0]!r} and "
+                                     f"backbone gives {found[1]!r}, two different directories; pass VLA.load(..., "
+                                     "backbone_path=...) with the one this head was trained on")
                 backbone_path = os.path.normpath(found[0])
         elif not os.path.isdir(backbone_path):
             raise FileNotFoundError(f"VLA.load: backbone_path {backbone_path!r} does not exist")

@@ -367,7 +367,7 @@ def main():
             if backbone_path is None:  # "tiny": the random backbone is part of this checkpoint
                 backbone.save_pretrained(os.path.join(tmp, "backbone"), state_dict=backbone_state)
                 vla.backbone_path = os.path.join(tmp, "backbone")
-            vla.save(tmp)
+            vla.save(tmp, final_dir=out_dir)
             vla.head.load_state_dict(saved)
             with open(os.path.join(tmp, "run_config.json"), "w") as f:
                 json.dump(config, f, indent=1)

@@ -33,7 +33,8 @@ from data import configure  # noqa: E402
 suite = "libero_object"
 tasks = "0"  # comma-separated task ids of the suite
 demos_per_task = 50
-image_size = 56  # demos are recorded at this size and every stage feeds the backbone this size (resize_with_pad)
+image_size = 56  # every stage feeds the backbone this size (resize_with_pad)
+record_size = 128  # the demos' camera size: eval_libero renders 256 and resizes to image_size; 128 resized alike
 trials = 20  # evaluation episodes per task: benchmark init states 0 .. trials-1
 action_horizon = 8  # FAST chunk and action-head horizon
 replan_steps = 4  # actions executed per prediction in closed loop
@@ -81,7 +82,7 @@ def untrained_backbone(path, fast_vocab_size, seed=0):
 
 def main():
     cfg = configure({k: v for k, v in globals().items() if k in (
-        "suite", "tasks", "demos_per_task", "image_size", "trials", "action_horizon", "replan_steps", "sft_iters",
+        "suite", "tasks", "demos_per_task", "image_size", "record_size", "trials", "action_horizon", "replan_steps", "sft_iters",
         "rl_iters", "vla_iters", "head_width", "head_depth", "out", "dry")})
     o = lambda *p: os.path.join(cfg["out"], *p)
     os.makedirs(cfg["out"], exist_ok=True)
@@ -95,7 +96,7 @@ def main():
         demos, flip = o("data", "libero", "train"), "False"
     else:
         run("prepare/libero_expert.py", [f"--suite={cfg['suite']}", f"--tasks={cfg['tasks']}",
-                                         f"--demos_per_task={cfg['demos_per_task']}", f"--image_size={cfg['image_size']}",
+                                         f"--demos_per_task={cfg['demos_per_task']}", f"--image_size={cfg['record_size']}",
                                          f"--out_dir={o('demos')}"], o("demos", "expert_stats.json"), times, "demos")
         demos, flip = o("demos"), "True"  # recorded as robosuite renders, upside down, as LIBERO's own files
     robot = [f"--data_dir={cfg['out']}", f"--robot_train={demos}", "--robot_val=", f"--flip_images={flip}",

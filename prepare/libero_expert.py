@@ -45,6 +45,11 @@ eval_render = False  # eval mode: render the cameras anyway (only to time steps 
 eval_seed = 7  # eval mode: env.seed like eval_libero.py
 max_steps = 0  # 0 = the suite's evaluation budget
 gain = 0.8  # P gain of the position controller (action = gain * error / STEP_M)
+# Demonstrations must cover the states a policy meets, not one path (measured: a VLA trained on noise-free demos
+# replays the path and lands its grasp 1-2 cm off from the benchmark's init states):
+init_joint_noise = 0.02  # std (rad) added to the 7 arm joints at reset: the spread of the benchmark's own init states
+action_noise = 0.3  # std of noise added to the executed xyz action (DART, Laskey et al. 2017); the recorded label
+                    # is the expert's clean action, so the demos show the correction from the perturbed state
 verbose = False  # print the phase changes of each episode
 # -----------------------------------------------------------------------------
 
@@ -219,13 +224,27 @@ def make_env(task, render=True):
     return OffScreenRenderEnv(**env_kwargs, use_camera_obs=render), env_kwargs
 
 
-def play(env, seed, init_state, budget, record):
-    """One episode: seed, reset (or an init state), settle, expert until done. -> (success, steps, traj)."""
+def perturbed_start(env, rng, std):
+    """The reset's sim state with N(0, std) added to the arm's joint angles (the benchmark's init states vary
+    the arm this way; LIBERO's own reset does not)."""
+    e = env.env
+    state = np.array(env.get_sim_state())
+    qpos = np.asarray(e.robots[0]._ref_joint_pos_indexes)
+    state[1 + qpos] += rng.normal(0.0, std, len(qpos))  # MuJoCo's flattened state: [time, qpos, qvel]
+    return state
+
+
+def play(env, seed, init_state, budget, record, joint_noise=0.0, noise=0.0):
+    """One episode: seed, reset (or an init state), settle, expert until done. -> (success, steps, traj).
+    joint_noise: perturb the arm's start (seeded re-samples only); noise: std of the executed xyz action's noise."""
     from robosuite.utils.transform_utils import quat2axisangle
     env.seed(seed)
     obs = env.reset()
+    rng = np.random.default_rng(seed)  # the episode's own noise: a rerun of attempt k is the same episode
     if init_state is not None:
         obs = env.set_init_state(init_state)
+    elif joint_noise > 0:
+        obs = env.set_init_state(perturbed_start(env, rng, joint_noise))
     for _ in range(NUM_STEPS_WAIT):  # objects drop into place; not recorded
         obs, _, _, _ = env.step(DUMMY_ACTION)
     expert = Expert(env)
@@ -246,7 +265,10 @@ def play(env, seed, init_state, budget, record):
             traj["joint_states"].append(obs["robot0_joint_pos"])
             traj["states"].append(env.get_sim_state())
             traj["robot_states"].append(np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"], obs["robot0_eef_quat"]]))
-        obs, reward, done, _ = env.step(action.tolist())
+        executed = np.array(action, dtype=np.float64)
+        if noise > 0:
+            executed[:3] = np.clip(executed[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
+        obs, reward, done, _ = env.step(executed.tolist())
         if record:
             traj["actions"].append(action)
             traj["rewards"].append(reward)
@@ -316,7 +338,7 @@ def record_task(bench, task_id, budget):
         while n < demos_per_task and attempts < cap:
             seed = seed_base + attempts  # seeded re-sample; attempt k always sees the same scene
             t0 = time.perf_counter()
-            success, T, traj = play(env, seed, None, budget, record=True)
+            success, T, traj = play(env, seed, None, budget, record=True, joint_noise=init_joint_noise, noise=action_noise)
             step_time += time.perf_counter() - t0
             steps += T
             attempts += 1

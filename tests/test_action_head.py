@@ -367,3 +367,48 @@ def test_vla_errors_are_clear(tiny_vla, tmp_path):
         VLA.load(out_dir)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VLA.load(out_dir, backbone_path=str(tmp_path / "nowhere"))
+
+
+def test_vla_checkpoint_names_its_own_backbone_after_the_atomic_save(tiny_vla, tmp_path):
+    """train_vla writes through data.save_checkpoint (a temporary directory one level down). vla.json's relative
+    path must be taken from the final directory: taken from the temporary one it read '../../sft', which named
+    the out/sft of another run (here a decoy backbone) and loaded it silently."""
+    import shutil
+    from data import save_checkpoint
+    vla = tiny_vla
+    run = tmp_path / "work" / "out"  # out/sft (the backbone), out/vla (the head)
+    shutil.copytree(tmp_path / "sft", run / "sft")
+    model.Backbone.tiny(seed=1).save_pretrained(str(tmp_path / "work" / "sft"))  # what '../../sft' would reach
+    vla.backbone_path = str(run / "sft")
+    out_dir = str(run / "vla")
+    os.makedirs(out_dir)
+    save_checkpoint(out_dir, lambda tmp: vla.save(tmp, final_dir=out_dir))
+    meta = json.load(open(os.path.join(out_dir, "vla.json")))
+    assert (meta["backbone"], meta["backbone_relative"]) == (str(run / "sft"), os.path.join(os.pardir, "sft"))
+    images = [camera_images()]
+    torch.testing.assert_close(VLA.load(out_dir).features(images, ["go"])[0], vla.features(images, ["go"])[0])
+    # a copied tree whose relative and absolute backbones both exist and differ is an error, never a guess
+    copy = tmp_path / "copy" / "out"
+    shutil.copytree(run / "vla", copy / "vla")
+    model.Backbone.tiny(seed=2).save_pretrained(str(copy / "sft"))
+    with pytest.raises(ValueError, match="two different directories; pass VLA.load"):
+        VLA.load(str(copy / "vla"))
+    torch.testing.assert_close(VLA.load(str(copy / "vla"), backbone_path=str(run / "sft")).features(images, ["go"])[0],
+                               vla.features(images, ["go"])[0])
+    shutil.rmtree(run / "sft")  # the original gone: the copy's own backbone is the one
+    assert os.path.samefile(VLA.load(str(copy / "vla")).backbone_path, copy / "sft")
+
+
+def test_vla_with_a_backbone_inside_its_checkpoint_moves_with_it(tiny_vla, tmp_path):
+    """An unfrozen backbone is saved inside the checkpoint: vla.json names it where the checkpoint ends up."""
+    import shutil
+    from data import save_checkpoint
+    vla = tiny_vla
+    vla.freeze_backbone = False
+    out_dir = str(tmp_path / "vla")
+    os.makedirs(out_dir)
+    save_checkpoint(out_dir, lambda tmp: vla.save(tmp, final_dir=out_dir))
+    meta = json.load(open(os.path.join(out_dir, "vla.json")))
+    assert (meta["backbone"], meta["backbone_relative"]) == (os.path.join(out_dir, "backbone"), "backbone")
+    shutil.move(out_dir, tmp_path / "moved")
+    assert os.path.samefile(VLA.load(str(tmp_path / "moved")).backbone_path, tmp_path / "moved" / "backbone")

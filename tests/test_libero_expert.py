@@ -41,3 +41,33 @@ def test_expert_records_one_successful_demo_the_reader_loads(tmp_path):
     assert sample["reasoning"] == "move above the alphabet soup"
     gripper = ds.all_actions()[:, 6]
     assert set(np.unique(gripper)) == {-1.0, 1.0}  # it opened, grasped and released
+
+
+def test_demo_starts_and_actions_are_perturbed_reproducibly():
+    """The arm's start gets N(0, std) on its 7 joints (objects untouched), and the executed actions get seeded
+    noise: the same attempt replays exactly, and the noise changes where the episode goes."""
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    sys.path.insert(0, os.path.join(ROOT, "prepare"))
+    import libero_expert
+    from libero.libero import benchmark
+    task = benchmark.get_benchmark_dict()["libero_object"]().get_task(0)
+    env, _ = libero_expert.make_env(task, render=False)
+    try:
+        env.seed(1000)
+        env.reset()
+        clean = np.array(env.get_sim_state())
+        perturbed = libero_expert.perturbed_start(env, np.random.default_rng(5), 0.02)
+        by_hand = np.random.default_rng(5).normal(0.0, 0.02, 7)
+        arm = 1 + np.asarray(env.env.robots[0]._ref_joint_pos_indexes)
+        np.testing.assert_allclose(perturbed[arm] - clean[arm], by_hand, atol=1e-12)
+        assert np.array_equal(np.delete(perturbed, arm), np.delete(clean, arm))
+
+        def end_state(**noise):
+            libero_expert.play(env, 1000, None, 15, record=False, **noise)
+            return np.array(env.get_sim_state())
+        noisy = end_state(joint_noise=0.02, noise=0.3)
+        assert np.array_equal(noisy, end_state(joint_noise=0.02, noise=0.3))
+        assert not np.allclose(noisy, end_state(joint_noise=0.02, noise=0.0))
+        assert not np.allclose(end_state(noise=0.3), end_state(joint_noise=0.02, noise=0.3))
+    finally:
+        env.close()

@@ -63,7 +63,10 @@ def test_cache_gives_the_same_losses_and_is_keyed_by_backbone_and_layer(setup):
     r = run(args(root, data_dir, backbone_dir, "again", "--max_iters=1"))
     assert r.returncode == 0 and "reused" in r.stdout, r.stderr[-3000:]
     assert len(os.listdir(root / "cache")) == 2
-    # the checkpoint is a VLA that eval_libero.py / eval_calvin.py load
+    # the checkpoint is a VLA that eval_libero.py / eval_calvin.py load, naming the backbone it was trained on
+    # from where it ended up (not from save_checkpoint's temporary directory one level down)
+    meta = json.load(open(root / "cached" / "vla.json"))
+    assert (meta["backbone"], meta["backbone_relative"]) == (backbone_dir, os.path.relpath(backbone_dir, root / "cached"))
     vla = VLA.load(str(root / "cached"))
     assert vla.predict_action([np.zeros((56, 56, 3), np.uint8)] * 2, "put the red block on the blue block",
                               np.zeros(8, np.float32)).shape == (4, 7)
