@@ -9,6 +9,7 @@ step), zero rotation, gripper -1 open / +1 close. Each step it also names its cu
 
 Usage:
   python prepare/libero_expert.py --tasks=0,1 --demos_per_task=50        # record demos (resumable)
+  python prepare/libero_expert.py --tasks=0 --workers=2                  # the same file, two simulators at once
   python prepare/libero_expert.py --eval_init_states --episodes=20       # expert success on the benchmark init states
 Demo episodes start from seeded re-samples (env.seed(seed_base + k); env.reset()), never from the
 benchmark init states that evaluation uses.
@@ -38,6 +39,7 @@ demos_per_task = 50  # stop recording a task at this many successful demos
 max_attempts = 0  # attempts per task in total (incl. earlier runs); 0 = 2 * demos_per_task
 image_size = 128  # camera_heights = camera_widths
 seed_base = 1000  # demo attempt k uses env.seed(seed_base + k): disjoint from the benchmark init states
+workers = 1  # processes playing attempts in parallel, one simulator each; the file is the same for any count
 out_dir = "out/libero_demos"
 eval_init_states = False  # play from the benchmark init states, report success, record nothing
 episodes = 20  # eval mode: init states 0..episodes-1 per task
@@ -323,10 +325,43 @@ def write_demo(f, traj, seed):
     return i + 1
 
 
+def attempt(env, seed, budget):
+    """Demo attempt `seed`: (seed, success, steps, trajectory if it succeeded, seconds)."""
+    t0 = time.perf_counter()
+    success, T, traj = play(env, seed, None, budget, record=True, joint_noise=init_joint_noise, noise=action_noise)
+    return seed, success, T, traj if success else None, time.perf_counter() - t0
+
+
+_worker_env = None
+
+
+def _start_worker(config, task):
+    global _worker_env
+    globals().update(config)  # a spawned process starts from the module's defaults
+    _worker_env = make_env(task)[0]
+
+
+def _worker_attempt(job):
+    return attempt(_worker_env, *job)
+
+
+def attempts_played(env, task, seeds, budget):
+    """The attempts' results in seed order, played here (workers=1) or by a pool of processes, each with its own
+    simulator; a consumer that stops early ends the pool (the attempts in flight are dropped, never counted)."""
+    if workers == 1:
+        for seed in seeds:
+            yield attempt(env, seed, budget)
+        return
+    import multiprocessing
+    config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (config, task)) as pool:
+        yield from pool.imap(_worker_attempt, ((seed, budget) for seed in seeds))
+
+
 def record_task(bench, task_id, budget):
     task = bench.get_task(task_id)
     path = os.path.join(out_dir, f"{task.name}_demo.hdf5")
-    env, env_kwargs = make_env(task)
+    env, env_kwargs = make_env(task, render=workers == 1)  # with workers, only for the file's attributes
     f = open_task_file(path, task, env, env_kwargs)
     n = len([k for k in f["data"] if k.startswith("demo_")])
     attempts0 = attempts = int(f["data"].attrs["num_attempts"])
@@ -334,12 +369,12 @@ def record_task(bench, task_id, budget):
     ok = steps = 0
     step_time = 0.0
     bar = tqdm(total=demos_per_task, initial=min(n, demos_per_task), desc=f"task {task_id}", leave=True)
+    # attempt k always sees the same scene (seed_base + k); results are taken in that order, so the file does not
+    # depend on the number of workers
+    played = attempts_played(env, task, range(seed_base + attempts, seed_base + cap), budget)
     try:
-        while n < demos_per_task and attempts < cap:
-            seed = seed_base + attempts  # seeded re-sample; attempt k always sees the same scene
-            t0 = time.perf_counter()
-            success, T, traj = play(env, seed, None, budget, record=True, joint_noise=init_joint_noise, noise=action_noise)
-            step_time += time.perf_counter() - t0
+        for seed, success, T, traj, seconds in played if n < demos_per_task else ():
+            step_time += seconds
             steps += T
             attempts += 1
             f["data"].attrs["num_attempts"] = attempts
@@ -348,7 +383,10 @@ def record_task(bench, task_id, budget):
                 n = write_demo(f, traj, seed)
                 bar.update(1)
             bar.set_postfix(success=f"{100 * ok / (attempts - attempts0):.0f}%", attempts=attempts)
+            if n >= demos_per_task:
+                break
     finally:
+        played.close()
         bar.close()
         f.close()
         env.close()

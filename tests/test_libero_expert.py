@@ -1,5 +1,6 @@
-"""prepare/libero_expert.py in the real simulator: the scripted expert completes one libero_object episode, and
-the recorded file is LIBERO's layout as data.LiberoDataset reads it (with the expert's sub-goals as reasoning)."""
+"""prepare/libero_expert.py in the real simulator: the scripted expert completes libero_object episodes (two
+workers give the file one process gives), and the recorded file is LIBERO's layout as data.LiberoDataset reads
+it (with the expert's sub-goals as reasoning)."""
 
 import importlib.util
 import json
@@ -21,20 +22,37 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libero") is None,
 def test_expert_records_one_successful_demo_the_reader_loads(tmp_path):
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "osmesa"), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "libero_expert.py"), "--suite=libero_object",
-                        "--tasks=0", "--demos_per_task=1", "--max_attempts=2", "--image_size=32", f"--out_dir={tmp_path}"],
+                        "--tasks=0", "--demos_per_task=2", "--max_attempts=3", "--image_size=32", "--workers=2",
+                        f"--out_dir={tmp_path}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads((tmp_path / "expert_stats.json").read_text())["record"]["libero_object"]["0"]
-    assert stats["demos"] == 1 and stats["successes"] >= 1
+    assert stats["demos"] == 2 and stats["successes"] >= 2
     files = [f for f in os.listdir(tmp_path) if f.endswith("_demo.hdf5")]
     assert files == ["pick_up_the_alphabet_soup_and_place_it_in_the_basket_demo.hdf5"]
     with h5py.File(tmp_path / files[0], "r") as f:
         demo = f["data/demo_0"]
         T = len(demo["actions"])
-        assert demo["dones"][-1] == 1 and demo.attrs["seed"] == 1000  # a seeded re-sample, not a benchmark init state
+        assert demo["dones"][-1] == 1  # seeded re-samples (seed_base 1000 + attempt), not benchmark init states
         assert demo["obs/agentview_rgb"].shape == (T, 32, 32, 3)
+        # the second demo came from the other worker: played here, in-process, it is the same episode
+        assert demo.attrs["seed"] == 1000 and f["data/demo_1"].attrs["seed"] == 1001
+        expected = {k: f[f"data/demo_1/{k}"][()] for k in ("actions", "states", "obs/eye_in_hand_rgb")}
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    sys.path.insert(0, os.path.join(ROOT, "prepare"))
+    import libero_expert
+    from libero.libero import benchmark
+    libero_expert.image_size = 32
+    env, _ = libero_expert.make_env(benchmark.get_benchmark_dict()["libero_object"]().get_task(0))
+    try:
+        seed, success, _, traj, _ = libero_expert.attempt(env, 1001, 280)
+    finally:
+        env.close()
+    assert success and np.array_equal(np.stack(traj["actions"]), expected["actions"])
+    assert np.array_equal(np.stack(traj["states"]), expected["states"])
+    assert np.array_equal(np.stack(traj["eye_in_hand_rgb"]), expected["obs/eye_in_hand_rgb"])
     ds = LiberoDataset(str(tmp_path), horizon=8, flip_images=True, no_noops=True)
-    assert ds.cameras == ("agentview_rgb", "eye_in_hand_rgb") and 0 < len(ds) <= T
+    assert ds.cameras == ("agentview_rgb", "eye_in_hand_rgb") and T < len(ds) <= T + len(expected["actions"])
     sample = ds[0]
     assert sample["instruction"] == "pick up the alphabet soup and place it in the basket"
     assert sample["state"].shape == (8,) and sample["actions"].shape == (8, 7)
