@@ -26,6 +26,7 @@ worker owns one env and one copy of the policy and plays whole chains, each chai
 index, so the results do not depend on the number of workers (see `evaluate`).
 """
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -45,6 +46,7 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: module-level defaults, overridden by config files and --key=value)
 checkpoint = "out/vla"  # a VLA.save() directory (vla.json, action_head.safetensors, norm_stats.json)
+backbone = ""  # "" = the backbone checkpoint vla.json names; a directory overrides it (e.g. for a copied out/ tree)
 dataset_path = "data/calvin/task_ABC_D"  # CALVIN root; the env is built from <dataset_path>/validation (scene D)
 scene = ""  # "" = the scene of validation/.hydra/merged_config.yaml; else a calvin_env conf/scene name
 num_sequences = 1000  # get_sequences(n) (official: 1000); a small n draws from the first n initial conditions only
@@ -365,11 +367,11 @@ def make_calvin_oracle():
     return Tasks(OmegaConf.load(path).tasks)
 
 
-def load_vla(checkpoint_dir, device_name):
+def load_vla(checkpoint_dir, device_name, backbone_path=""):
     from model import VLA
     if not os.path.isfile(os.path.join(checkpoint_dir, "vla.json")):
         raise FileNotFoundError(f"checkpoint={checkpoint_dir!r}: no vla.json (expected a VLA.save() directory, e.g. out/vla)")
-    return VLA.load(checkpoint_dir, device=device_name)
+    return VLA.load(checkpoint_dir, device=device_name, backbone_path=backbone_path or None)
 
 
 def check_policy(policy, checkpoint_dir, k):
@@ -580,7 +582,8 @@ def main(argv):
     chains = load_chains(config["num_sequences"], config["chains_cache"], sequences_fn)
     if config["debug_num_chains"] > 0:
         chains = chains[:config["debug_num_chains"]]
-    return run(config, chains, env_state_fn=env_state_fn)
+    return run(config, chains, env_state_fn=env_state_fn,
+               load_policy=functools.partial(load_vla, backbone_path=config["backbone"]))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: module-level defaults, overridden by config files and --key=value)
 checkpoint = "out/vla"  # a VLA.save() directory (vla.json, action_head.safetensors, norm_stats.json)
+backbone = ""  # "" = the backbone checkpoint vla.json names; a directory overrides it (e.g. for a copied out/ tree)
 suites = "libero_spatial,libero_object,libero_goal,libero_10"  # comma-separated; libero_90 too
 task_ids = ""  # comma-separated task indices within each suite; "" = every task
 trials = 50  # trials per task; trial i starts from the task's i-th initial state (50 per task)
@@ -382,11 +383,11 @@ class EnvPool:
 # The policy side (main process)
 
 
-def load_vla(checkpoint_dir, device_name):
+def load_vla(checkpoint_dir, device_name, backbone_path=""):
     from model import VLA
     if not os.path.isfile(os.path.join(checkpoint_dir, "vla.json")):
         raise FileNotFoundError(f"checkpoint={checkpoint_dir!r}: no vla.json (expected a VLA.save() directory, e.g. out/vla)")
-    return VLA.load(checkpoint_dir, device=device_name).eval()
+    return VLA.load(checkpoint_dir, device=device_name, backbone_path=backbone_path or None).eval()
 
 
 def check_policy(policy, checkpoint_dir, k):
@@ -571,7 +572,7 @@ def main(argv):
         raise ImportError("videos_per_task > 0 needs imageio: pip install imageio[ffmpeg]")
     benchmark = import_libero()  # exits with install instructions when missing
     jobs = make_jobs(benchmark, config)  # checks task_ids and trials against the benchmark
-    policy = check_policy(load_vla(config["checkpoint"], config["device"]), config["checkpoint"], config["replan_steps"])
+    policy = check_policy(load_vla(config["checkpoint"], config["device"], config["backbone"]), config["checkpoint"], config["replan_steps"])
     return run(config, jobs, policy)
 
 

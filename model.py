@@ -1360,8 +1360,8 @@ class VLA(nn.Module):
                                             "pass VLA.load(..., backbone_path=...)")
                 if len(found) == 2 and not os.path.samefile(*found):  # a copied out/ tree: never guess which one
                     raise ValueError(f"{meta_path}: backbone_relative {meta['backbone_relative']!r} gives {found[0]!r} and "
-                                     f"backbone gives {found[1]!r}, two different directories; pass VLA.load(..., "
-                                     "backbone_path=...) with the one this head was trained on")
+                                     f"backbone gives {found[1]!r}, two different directories; pass the one this head "
+                                     "was trained on: VLA.load(..., backbone_path=...), eval_*.py --backbone=...")
                 backbone_path = os.path.normpath(found[0])
         elif not os.path.isdir(backbone_path):
             raise FileNotFoundError(f"VLA.load: backbone_path {backbone_path!r} does not exist")

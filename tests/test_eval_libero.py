@@ -305,6 +305,14 @@ def test_check_policy_errors(checkpoints):
         ev.check_policy(good, "ckpt", 9)
     with pytest.raises(FileNotFoundError, match="no vla.json"):
         ev.load_vla(os.path.dirname(checkpoints["good"]), "cpu")
+    # --backbone overrides the backbone vla.json names
+    other = os.path.join(os.path.dirname(checkpoints["good"]), "other_backbone")
+    model.Backbone.tiny(seed=3, hidden_size=64, num_layers=2, num_heads=4, vision_depth=1,
+                        vision_hidden_size=32).save_pretrained(other)
+    moved = ev.load_vla(checkpoints["good"], "cpu", other)
+    assert moved.backbone_path == other and good.backbone_path != other
+    images = [np.zeros((56, 56, 3), np.uint8)] * 2
+    assert not torch.allclose(moved.features([images], ["go"])[0], good.features([images], ["go"])[0])
 
 
 def test_main_errors_before_libero(tmp_path, monkeypatch, capsys):
