@@ -15,6 +15,14 @@ is complete is skipped, so the bench runs across sittings (stop it any time, run
 
 Needs LIBERO (eval_libero.py's install lines) except in dry mode. The choices below (image size, chunk length,
 execution horizon, head size, steps) are this bench's, for a tiny backbone trained from scratch on CPU.
+What they rest on (libero_object task 0, 20 benchmark init states, 2 CPU cores; docs/libero_cpu.md):
+  - demonstrations that cover the states the policy meets: the expert's arm start gets the benchmark's own
+    joint spread (std 0.02 rad) and its executed actions DART noise (std 0.3, clean labels). From 50 noise-free
+    demos (every grasp at the same point) the VLAs replayed one path and grasped 1-2 cm off: 0/20 and 1/20.
+  - 50 demos recorded at 128 px, fed at 56 px (4 tokens per camera on the tiny backbone); chunk 8, execute 4;
+    head 128 wide x 4 deep; SFT 1500 steps, GRPO 20, VLA 3000. With these: SFT-only 12/20, RoboAlign 12/20,
+    untrained backbone 5/20, in 39 min of compute per task (demos 12 min with 2 workers, sft 9.5, align_rl 1,
+    train_vla 5.5 each) plus 9-10 min of evaluation per backbone.
 """
 
 import json
@@ -34,6 +42,7 @@ suite = "libero_object"
 tasks = "0"  # comma-separated task ids of the suite
 demos_per_task = 50
 image_size = 56  # every stage feeds the backbone this size (resize_with_pad)
+demo_workers = 2  # simulators recording demonstrations at once (the file does not depend on it)
 record_size = 128  # the demos' camera size: eval_libero renders 256 and resizes to image_size; 128 resized alike
 trials = 20  # evaluation episodes per task: benchmark init states 0 .. trials-1
 action_horizon = 8  # FAST chunk and action-head horizon
@@ -82,8 +91,8 @@ def untrained_backbone(path, fast_vocab_size, seed=0):
 
 def main():
     cfg = configure({k: v for k, v in globals().items() if k in (
-        "suite", "tasks", "demos_per_task", "image_size", "record_size", "trials", "action_horizon", "replan_steps", "sft_iters",
-        "rl_iters", "vla_iters", "head_width", "head_depth", "out", "dry")})
+        "suite", "tasks", "demos_per_task", "demo_workers", "image_size", "record_size", "trials", "action_horizon",
+        "replan_steps", "sft_iters", "rl_iters", "vla_iters", "head_width", "head_depth", "out", "dry")})
     o = lambda *p: os.path.join(cfg["out"], *p)
     os.makedirs(cfg["out"], exist_ok=True)
     times = {}
@@ -97,7 +106,8 @@ def main():
     else:
         run("prepare/libero_expert.py", [f"--suite={cfg['suite']}", f"--tasks={cfg['tasks']}",
                                          f"--demos_per_task={cfg['demos_per_task']}", f"--image_size={cfg['record_size']}",
-                                         f"--out_dir={o('demos')}"], o("demos", "expert_stats.json"), times, "demos")
+                                         f"--workers={cfg['demo_workers']}", f"--out_dir={o('demos')}"],
+            o("demos", "expert_stats.json"), times, "demos")
         demos, flip = o("demos"), "True"  # recorded as robosuite renders, upside down, as LIBERO's own files
     robot = [f"--data_dir={cfg['out']}", f"--robot_train={demos}", "--robot_val=", f"--flip_images={flip}",
              f"--image_size={cfg['image_size']}", "--seed=0"]
