@@ -572,7 +572,8 @@ def main(argv):
         raise ImportError("videos_per_task > 0 needs imageio: pip install imageio[ffmpeg]")
     benchmark = import_libero()  # exits with install instructions when missing
     jobs = make_jobs(benchmark, config)  # checks task_ids and trials against the benchmark
-    policy = check_policy(load_vla(config["checkpoint"], config["device"], config["backbone"]), config["checkpoint"], config["replan_steps"])
+    policy = load_vla(config["checkpoint"], config["device"], config["backbone"])
+    policy = check_policy(policy, config["checkpoint"], config["replan_steps"])
     return run(config, jobs, policy)
 
 

@@ -371,9 +371,10 @@ def record_task(bench, task_id, budget):
     bar = tqdm(total=demos_per_task, initial=min(n, demos_per_task), desc=f"task {task_id}", leave=True)
     # attempt k always sees the same scene (seed_base + k); results are taken in that order, so the file does not
     # depend on the number of workers
-    played = attempts_played(env, task, range(seed_base + attempts, seed_base + cap), budget)
+    seeds = range(seed_base + attempts, seed_base + cap) if n < demos_per_task else range(0)
+    played = attempts_played(env, task, seeds, budget)
     try:
-        for seed, success, T, traj, seconds in played if n < demos_per_task else ():
+        for seed, success, T, traj, seconds in played:
             step_time += seconds
             steps += T
             attempts += 1
